@@ -1,0 +1,30 @@
+# Two commands for a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On these machines a CPU wheel of torch 2.13.0 lies on disk; elsewhere pip picks a build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test env clean
+
+$(BIN)/gpt: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(BIN)/gpt
+
+env: $(BIN)/gpt
+
+# Prepare the bundled Shakespeare (characters), train the CPU config briefly, print a sample.
+demo: env
+	$(BIN)/gpt prepare shakespeare_char --overwrite
+	$(BIN)/gpt train configs/shakespeare_char.yaml --overwrite train.max_iters=$(or $(ITERS),600) train.eval_interval=200 train.eval_iters=50 train.ckpt_interval=200
+	$(BIN)/gpt sample runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
+
+test: env
+	$(BIN)/ruff check gpt tests scripts
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs data/shakespeare_char data/shakespeare_gpt2

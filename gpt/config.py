@@ -1,0 +1,333 @@
+"""Run configuration: typed dataclasses, YAML files, `a.b=value` overrides and model presets.
+
+A run is described by four sections (model, data, train, sample). Loading goes
+YAML -> plain dict -> overrides applied to the dict -> presets expanded -> dataclasses,
+and every value is converted to its field's type on the way in, so a wrong key or value
+fails early with one line that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from gpt.errors import GptError
+
+# Architectures from the papers. Fields not named here keep ModelConfig's defaults.
+_GPT2_COMMON = dict(block_size=1024, vocab_size=50257, pos_encoding="learned", activation="gelu",
+                    norm="layernorm", norm_position="pre", bias=True, tie_embeddings=True)
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-1 (Radford et al. 2018): post-norm blocks, BPE vocabulary of 40,478, 512 context.
+    "gpt1": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478,
+                 pos_encoding="learned", activation="gelu", norm="layernorm",
+                 norm_position="post", bias=True, tie_embeddings=True),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **_GPT2_COMMON),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2_COMMON),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2_COMMON),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2_COMMON),
+    # Tiny models for a laptop CPU; the vocabulary comes from the data.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (shown by `gpt train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise GptError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    preset: Optional[str] = option(None, "named architecture that fills the fields you do not set: "
+                                   + ", ".join(PRESETS))
+    n_layer: int = option(6, "number of Transformer blocks")
+    n_head: int = option(6, "attention heads per block")
+    n_embd: int = option(384, "width of the residual stream")
+    block_size: int = option(256, "context length in tokens; longer prompts are cropped")
+    vocab_size: Optional[int] = option(None, "vocabulary size; null takes it from the data's meta.json")
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = option("learned", "position encoding")
+    activation: Literal["gelu", "relu"] = option("gelu", "MLP non-linearity")
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalisation layer")
+    norm_position: Literal["pre", "post"] = option("pre", "norm before each sublayer (GPT-2) or after the residual add (GPT-1)")
+    bias: bool = option(False, "biases in linear layers and LayerNorm")
+    tie_embeddings: bool = option(True, "share the token embedding with the output projection")
+    dropout: float = option(0.0, "dropout probability during training")
+
+    def __post_init__(self) -> None:
+        _require(self.preset is None or self.preset in PRESETS,
+                 f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.n_embd % self.n_head == 0,
+                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        _require(self.pos_encoding != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+                 "model.pos_encoding=rope needs an even head size (n_embd / n_head)")
+        _require(self.pos_encoding != "sinusoidal" or self.n_embd % 2 == 0,
+                 "model.pos_encoding=sinusoidal needs an even model.n_embd")
+        _require(self.vocab_size is None or self.vocab_size >= 2,
+                 f"model.vocab_size must be at least 2, got {self.vocab_size}")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dir: str = option("data/shakespeare_char", "folder written by `gpt prepare` (shards + meta.json)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    out_dir: str = option("runs/shakespeare_char", "where checkpoints, metrics.csv and loss.png go")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "auto: bf16 autocast on CUDA with bf16, fp16 + GradScaler on older GPUs, fp32 on CPU")
+    compile: Union[bool, Literal["auto"]] = option("auto", "torch.compile: auto (CUDA only), true or false")
+    seed: int = option(1337, "seed for weights, data order and dropout")
+    batch_size: int = option(64, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
+    max_iters: int = option(5000, "optimizer steps to train for")
+    lr: float = option(1.0e-3, "peak learning rate")
+    min_lr: float = option(1.0e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warmup")
+    lr_decay_iters: Optional[int] = option(None, "length of the cosine schedule; null means max_iters")
+    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weight matrices")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    eval_interval: int = option(250, "evaluate every this many steps")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    ckpt_interval: int = option(250, "save a checkpoint every this many steps")
+    keep_last: int = option(3, "checkpoints to keep (older ones are deleted)")
+    save_best: bool = option(True, "also keep the weights with the lowest val loss in best/")
+    log_interval: int = option(10, "write a metrics row every this many steps")
+    init_from: Optional[str] = option(None, "checkpoint to fine-tune from (its weights; fresh optimizer)")
+    peak_flops: Optional[float] = option(None, "device peak FLOP/s for MFU; null guesses from the device")
+    tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                     "ckpt_interval", "keep_last", "log_interval"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
+        _require(self.lr_decay_iters is None or self.lr_decay_iters >= 1,
+                 f"train.lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                 f"train.device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    max_new_tokens: int = option(500, "tokens to generate per sample")
+    temperature: float = option(0.8, "softmax temperature; 0 is greedy (argmax)")
+    top_k: Optional[int] = option(200, "sample only among the k most likely tokens; null disables")
+    top_p: float = option(1.0, "nucleus sampling: smallest set of tokens whose probability reaches p")
+    num_samples: int = option(1, "samples decoded together as one batch")
+    stop: list[str] = option([], "strings that end a sample (cut before the string)")
+    seed: Optional[int] = option(None, "seed for reproducible samples; null is random")
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}")
+        _require(all(self.stop), "stop strings must not be empty")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Section name -> its dataclass (annotations are strings here, so resolve them).
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field type `kind`, or raise GptError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except GptError:
+                pass
+        raise GptError(f"{key}: invalid value {value!r}; expected {_describe(kind)}")
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise GptError(f"{key}: invalid value {value!r}; choose one of {', '.join(map(str, args))}")
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.startswith("[") else [value]
+            value = parsed
+        if not isinstance(value, list):
+            raise GptError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, args[0], key) for item in value]
+    if isinstance(value, str) and kind is not str:
+        value = _parse_scalar(value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise GptError(f"{key}: invalid value {value!r}; expected {_describe(kind)}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """'3' -> 3, '3e-4' -> 0.0003 (YAML 1.1 reads that as a string), 'true' -> True."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    return text
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+
+
+def _check_keys(raw: dict[str, Any]) -> None:
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise GptError(f"unknown config section {section!r}{_suggest(section, list(SECTIONS))}")
+        if not isinstance(body, dict):
+            raise GptError(f"config section {section!r} must be a mapping of keys to values")
+        known = list(_fields(SECTIONS[section]))
+        for key in body:
+            if key not in known:
+                dotted = [f"{section}.{k}" for k in known]
+                raise GptError(f"unknown config key '{section}.{key}'{_suggest(f'{section}.{key}', dotted)}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw config dict (a new dict is returned)."""
+    result = {section: dict(body or {}) for section, body in raw.items()}
+    for override in overrides:
+        path, sep, value = override.partition("=")
+        section, dot, key = path.strip().partition(".")
+        if not sep or not dot or not key:
+            raise GptError(f"override {override!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+        _check_keys({section: {key: None}})
+        result.setdefault(section, {})[key] = value
+    return result
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Validate a raw dict (from YAML plus overrides) and build the typed Config."""
+    _check_keys(raw)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        body = dict(raw.get(name) or {})
+        if name == "model" and body.get("preset") not in (None, "null", "none"):
+            preset = _convert(body["preset"], str, "model.preset")
+            if preset not in PRESETS:
+                raise GptError(f"model.preset: unknown preset {preset!r}{_suggest(preset, list(PRESETS))}")
+            body = {**PRESETS[preset], **body}
+        hints = typing.get_type_hints(cls)
+        values = {key: _convert(value, hints[key], f"{name}.{key}") for key, value in body.items()}
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise GptError(f"config file not found: {path}; pass a YAML file such as configs/shakespeare_char.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise GptError(f"{path}: invalid YAML{line}; fix the syntax and try again") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise GptError(f"{path}: a config must be a mapping with sections model, data, train, sample")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    return build_config(apply_overrides(raw, list(overrides)))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def config_help() -> str:
+    """Every config key with its type, default and help, for `gpt train --help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{section}.{f.name} ({_describe(hints[f.name])}, default {default!r}): "
+                         f"{f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Devices and precision: which device, which dtype, autocast, torch.compile, peak FLOP/s."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable
+
+import torch
+
+from gpt.errors import GptError
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU when train.peak_flops is not given.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptError("device cuda was asked for but CUDA is not available here; use device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GptError("device mps was asked for but MPS is not available here; use device auto or cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = getattr(torch, name)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise GptError("train.dtype=float16 needs a CUDA device; use bfloat16 or float32")
+    return dtype
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    """Mixed precision for forward passes: weights stay fp32, matmuls run in `dtype`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(config_value: float | None, device: torch.device) -> float | None:
+    if config_value is not None:
+        return config_value
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+    return None
+
+
+def maybe_compile(model: torch.nn.Module, setting: bool | str, device: torch.device) -> torch.nn.Module:
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # compile support varies by platform; eager always works
+        print(f"warning: torch.compile unavailable ({type(exc).__name__}: {exc}); running eagerly", file=sys.stderr)
+        return model

@@ -1,0 +1,217 @@
+"""A decoder-only Transformer (GPT): embeddings, causal self-attention, MLP, blocks, logits.
+
+Pure torch, no I/O. `GPT.forward(idx, targets)` is the training path; `GPT.forward_step`
+runs new tokens against a `KVCache` for fast generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import ModelConfig
+
+
+def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed table of "Attention Is All You Need":
+    PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim))."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, shape (T, head_dim / 2)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of each head by the angle of the token's position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: preallocated buffers plus a
+    position counter, so that each new token costs one attention row, not a full recompute."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v for `layer`; return all keys and values up to and including them."""
+        end = self.pos + k.size(2)
+        self.keys[layer, :, :, self.pos:end] = k
+        self.values[layer, :, :, self.pos:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer = layer
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # A square causal mask when there is no past; a single new token sees everything;
+        # several new tokens after a past need the mask shifted by the past length.
+        mask = None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each wrapped in a residual connection and a norm: before the
+    sublayer (pre-norm, GPT-2) or after the residual add (post-norm, GPT-1)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope, cache)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, cache))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building a model")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm ones need a final one.
+        self.norm_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the unembedding (call again after assigning weights)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02), with projections into the residual stream scaled down by
+        # sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Number of parameters, each shared tensor counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward) at full context, as in the PaLM paper:
+        6 per weight (excluding position embeddings) plus the attention score/value products."""
+        c = self.config
+        n = self.num_params() - (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple | None]:
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+                             f"(block_size={self.config.block_size}); crop the input to its last "
+                             f"{self.config.block_size} tokens")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_table(positions, self.config.n_embd).to(x.dtype)
+        else:
+            rope = rope_angles(positions, self.config.n_embd // self.config.n_head)
+        return self.drop(x), rope
+
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x, rope = self._embed(idx, cache.pos if cache is not None else 0)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (B, T), the mean
+        cross-entropy of predicting each next token."""
+        logits = self.lm_head(self._trunk(idx, None))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run new tokens idx (B, T) after those already in `cache`; return the logits (B, vocab)
+        for the token that follows them. Only the last position is unembedded."""
+        x = self._trunk(idx, cache)
+        return self.lm_head(x[:, -1, :])

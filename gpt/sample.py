@@ -1,0 +1,197 @@
+"""Generation: KV-cache decoding, temperature / top-k / top-p, stops, and prompt framing.
+
+Chat and few-shot prompting here are plain text framing for a base model, as in the GPT-2
+and GPT-3 papers: the model continues a transcript, it has not been trained to follow
+instructions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from gpt.model import GPT, KVCache
+from gpt.tokenizer import Tokenizer
+
+CHAT_STOP = "\nUser:"
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the nucleus: the smallest set of
+    most likely tokens whose probability reaches top_p (the most likely token always stays)."""
+    logits = logits.clone()
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits[logits < kth] = -float("inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        sorted_logits[mass_before >= top_p] = -float("inf")
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab). Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tensor], torch.Tensor],
+           use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield `steps` next tokens (B,) for the sequences idx (B, T).
+
+    With the cache the prompt is run once and each new token costs one attention row. The
+    context is always the last block_size tokens: once it is full, the window slides and the
+    cache is rebuilt from the cropped window, so the result equals recomputing from scratch
+    for every kind of position encoding."""
+    block_size = model.config.block_size
+    param = next(model.parameters())
+    cache = KVCache(model.config, idx.size(0), param.device, param.dtype) if use_cache else None
+
+    def run_window(window: torch.Tensor) -> torch.Tensor:
+        if cache is None:
+            return model(window)[0][:, -1, :]
+        cache.reset()
+        return model.forward_step(window, cache)
+
+    seq = idx[:, -block_size:]
+    logits = run_window(seq)
+    for _ in range(steps):
+        token = pick(logits)
+        yield token
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        if cache is not None and cache.pos < block_size:
+            logits = model.forward_step(token[:, None], cache)
+        else:
+            seq = seq[:, -block_size:]
+            logits = run_window(seq)
+
+
+@dataclass
+class Sample:
+    prompt: str
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "max_tokens"
+    tokens_per_s: float = 0.0
+    done: bool = False
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "tokens": len(self.tokens),
+                "stop_reason": self.stop_reason, "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop: list[str] = field(default_factory=list)
+    ignore_eot: bool = False
+    seed: int | None = None
+    use_cache: bool = True
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of the prompt; an empty prompt starts from end-of-text (or a newline)."""
+    if prompt:
+        return tokenizer.encode(prompt)
+    if tokenizer.eot is not None:
+        return [tokenizer.eot]
+    return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "vocab", "\n") else [0]
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerationSettings,
+             on_text: Callable[[str], None] | None = None) -> list[Sample]:
+    """Sample `settings.num_samples` continuations of `prompt` as one batch.
+
+    Each sample stops at end-of-text (unless ignore_eot), at a stop string (the text is cut
+    before it) or after max_new_tokens. `on_text` receives the first sample's text as it
+    grows, holding back what could still turn out to be the start of a stop string."""
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt)
+    idx = torch.tensor([ids] * settings.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device)
+    if settings.seed is not None:
+        generator.manual_seed(settings.seed)
+    else:
+        generator.seed()
+    samples = [Sample(prompt=prompt) for _ in range(settings.num_samples)]
+    stream = _Streamer(on_text, settings.stop) if on_text else None
+    pick = lambda logits: pick_tokens(logits, settings.temperature, settings.top_k, settings.top_p, generator)  # noqa: E731
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.use_cache):
+        for sample, token in zip(samples, tokens.tolist()):
+            if not sample.done:
+                _append(sample, token, tokenizer, settings)
+        if stream:
+            stream.update(samples[0].text, final=samples[0].done)
+        if all(s.done for s in samples):
+            break
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    model.train(was_training)
+    for sample in samples:
+        if not sample.done:
+            sample.text = tokenizer.decode(sample.tokens)
+        sample.tokens_per_s = len(sample.tokens) / elapsed
+    if stream:
+        stream.update(samples[0].text, final=True)
+    return samples
+
+
+def _append(sample: Sample, token: int, tokenizer: Tokenizer, settings: GenerationSettings) -> None:
+    if token == tokenizer.eot and not settings.ignore_eot:
+        sample.done, sample.stop_reason = True, "eot"
+        return
+    sample.tokens.append(token)
+    sample.text = tokenizer.decode(sample.tokens)
+    hits = [sample.text.find(s) for s in settings.stop if s in sample.text]
+    if hits:
+        sample.text = sample.text[:min(hits)]
+        sample.done, sample.stop_reason = True, "stop"
+
+
+class _Streamer:
+    """Prints the growing text of one sample, never a part that a stop string may remove and
+    never half of a multi-byte character (shown as U+FFFD until its other bytes arrive)."""
+
+    def __init__(self, on_text: Callable[[str], None], stops: list[str]):
+        self.on_text = on_text
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.shown = 0
+
+    def update(self, text: str, final: bool) -> None:
+        end = len(text) if final else max(self.shown, len(text) - self.hold)
+        if not final:
+            while end > self.shown and text[end - 1] == "\ufffd":
+                end -= 1
+        if end > self.shown:
+            self.on_text(text[self.shown:end])
+            self.shown = end
+
+
+def few_shot_prompt(examples: str, prompt: str) -> str:
+    """Examples from a file, a blank line, then the prompt (GPT-3 style in-context learning)."""
+    return examples.rstrip("\n") + "\n\n" + prompt
+
+
+def chat_prompt(system: str | None, history: list[tuple[str, str]], user: str) -> str:
+    """A conversation as a plain-text transcript that ends where the assistant speaks next."""
+    lines = [f"System: {system}"] if system else []
+    for said, answered in history:
+        lines += [f"User: {said}", f"Assistant: {answered}"]
+    lines += [f"User: {user}", "Assistant:"]
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Tokenizers with one interface: `encode`, `decode`, `eot`, `vocab_size`, `name`.
+
+- gpt2: tiktoken's GPT-2 BPE, built offline from the rank file shipped in gpt/assets.
+- char: one id per character of the corpus; the vocabulary travels in meta.json.
+- byte: the 256 byte values plus an end-of-text id; lossless on any input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt.errors import GptError
+
+GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer: contractions, letters, numbers, punctuation runs, whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT_TEXT = "<|endoftext|>"
+NAMES = ("gpt2", "char", "byte")
+
+
+class Tokenizer:
+    name: str
+    vocab_size: int
+    eot: int | None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of `text` as an int64 array (the fast path used by `gpt prepare`)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str], workers: int = 1) -> list[np.ndarray]:
+        return [self.encode_array(text) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The raw bytes of `ids`; a token may end in the middle of a UTF-8 character."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        """What meta.json and checkpoints store to rebuild this tokenizer."""
+        return {"name": self.name}
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+
+    def __init__(self) -> None:
+        self.encoding = gpt2_encoding()
+        self.vocab_size = self.encoding.n_vocab
+        self.eot = self.encoding.eot_token
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str], workers: int = 1) -> list[np.ndarray]:
+        # tiktoken's Rust core releases the GIL, so threads give real parallelism here.
+        batches = self.encoding.encode_ordinary_batch(texts, num_threads=max(1, workers))
+        return [np.asarray(ids, dtype=np.int64) for ids in batches]
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.encoding.decode_bytes(ids)
+
+
+@lru_cache(maxsize=1)
+def gpt2_encoding():
+    """GPT-2's tiktoken Encoding from the bundled rank file (no network, no cache dir)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    data = GPT2_RANKS.read_bytes()
+    if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+        raise GptError(f"{GPT2_RANKS} is corrupt (sha256 mismatch); reinstall the gpt package")
+    ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: len(ranks)})
+
+
+class CharTokenizer(Tokenizer):
+    name = "char"
+
+    def __init__(self, vocab: str) -> None:
+        if not vocab:
+            raise GptError("a char vocabulary needs at least one character")
+        self.vocab = "".join(sorted(set(vocab)))
+        self.vocab_size = len(self.vocab)
+        self.eot = None
+        # Code points in sorted order, for a vectorised lookup with searchsorted.
+        self._codepoints = np.frombuffer(self.vocab.encode("utf-32-le"), dtype=np.uint32)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        ids = np.searchsorted(self._codepoints, points)
+        ids_clipped = np.minimum(ids, self.vocab_size - 1)
+        unknown = self._codepoints[ids_clipped] != points
+        if unknown.any():
+            char = chr(points[np.argmax(unknown)])
+            raise GptError(f"character {char!r} (U+{ord(char):04X}) is not in this model's char "
+                           "vocabulary; remove it from the prompt or prepare the data with it")
+        return ids.astype(np.int64)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return "".join(self.vocab[i] for i in ids).encode("utf-8", errors="surrogatepass")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "vocab": self.vocab}
+
+
+class ByteTokenizer(Tokenizer):
+    """Bytes 0..255 and id 256 for end-of-text. Text is read with 'surrogateescape', so bytes
+    that are not valid UTF-8 survive the round trip unchanged."""
+
+    name = "byte"
+    vocab_size = 257
+    eot = 256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        raw = text.encode("utf-8", errors="surrogateescape")
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+
+def make_tokenizer(name: str, vocab: str | None = None) -> Tokenizer:
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "char":
+        if vocab is None:
+            raise GptError("the char tokenizer needs its vocabulary (from meta.json or tokenizer.json)")
+        return CharTokenizer(vocab)
+    raise GptError(f"unknown tokenizer {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def tokenizer_from_json(info: dict[str, Any]) -> Tokenizer:
+    return make_tokenizer(info.get("name", ""), info.get("vocab"))
