@@ -174,9 +174,11 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _suggest(key: str, known: list[str]) -> str:
+def _suggest(key: str, known: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; known keys: {', '.join(prefix + k for k in known)}"
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
@@ -256,8 +258,7 @@ def _check_keys(raw: dict[str, Any]) -> None:
         known = list(_fields(SECTIONS[section]))
         for key in body:
             if key not in known:
-                dotted = [f"{section}.{k}" for k in known]
-                raise GptError(f"unknown config key '{section}.{key}'{_suggest(f'{section}.{key}', dotted)}")
+                raise GptError(f"unknown config key '{section}.{key}'{_suggest(key, known, section + '.')}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

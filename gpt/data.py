@@ -115,10 +115,11 @@ def default_out_dir(sources: list[str], tokenizer: str) -> Path:
     return Path("data") / (name if name.endswith("_" + tokenizer) else f"{name}_{tokenizer}")
 
 
-def _decoded_pieces(raw_chunks: Iterator[bytes], label: str, errors: str) -> Iterator[str]:
-    """Decode UTF-8 chunks and re-cut the text at safe line starts."""
+def _decoded_pieces(raw_chunks: Iterator[bytes], label: str, errors: str, offset: int) -> Iterator[str]:
+    """Decode UTF-8 chunks (the first one at byte `offset` of the file) and re-cut the text
+    at safe line starts."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    offset, pending = 0, ""
+    pending = ""
     for raw in raw_chunks:
         try:
             pending += decoder.decode(raw)
@@ -219,7 +220,7 @@ class Reader:
                 yield iter([text])
 
     def _pieces(self, handle, start: int, end: int | None, hasher, label: str) -> Iterator[str]:
-        return _decoded_pieces(_read_chunks(handle, start, end, hasher, self.progress), label, self.errors)
+        return _decoded_pieces(_read_chunks(handle, start, end, hasher, self.progress), label, self.errors, start)
 
 
 def _spool_stdin(folder: Path) -> Path:

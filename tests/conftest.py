@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny corpora, tiny datasets and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt.cli import main
+from gpt.config import build_config
+from gpt.data import PrepareOptions, prepare
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `gpt ARGS...` in this process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["gpt", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """The first 100 kB of tiny Shakespeare, char-level, with a val split."""
+    folder = tmp_path_factory.mktemp("data")
+    text = folder / "shakespeare_100k.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    return prepare(PrepareOptions(sources=[str(text)], tokenizer="char", out=str(folder / "char"), workers=1))
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **train):
+    """A 2-layer model and a short schedule that trains in seconds on a CPU."""
+    settings = dict(out_dir=str(out_dir), device="cpu", batch_size=4, max_iters=20, lr=3e-3, min_lr=3e-4,
+                    warmup_iters=5, eval_interval=10, eval_iters=2, ckpt_interval=10, log_interval=1,
+                    compile=False)
+    settings.update(train)
+    return build_config({"model": {"preset": "tiny", "block_size": 32, "dropout": 0.1},
+                         "data": {"dir": str(data_dir)}, "train": settings})

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from gpt.config import PRESETS, apply_overrides, build_config, dump_yaml, load_config, read_yaml
+from gpt.errors import GptError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.train.out_dir
+
+
+def test_required_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"shakespeare_char.yaml", "shakespeare_gpt2bpe.yaml", "gpt2_124m.yaml", "gpt1.yaml"} <= names
+
+
+def test_overrides_convert_types():
+    raw = apply_overrides({}, ["train.lr=3e-4", "model.n_layer=4", "model.bias=true", "train.lr_decay_iters=null",
+                               "sample.stop=[a, b]", "sample.top_k=none", "train.compile=false"])
+    config = build_config(raw)
+    assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
+    assert config.model.n_layer == 4 and config.model.bias is True
+    assert config.train.lr_decay_iters is None and config.sample.top_k is None
+    assert config.sample.stop == ["a", "b"] and config.train.compile is False
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n")
+    assert load_config(path).train.lr == 3e-4
+
+
+@pytest.mark.parametrize("override, hint", [("model.n_layers=4", "did you mean 'model.n_layer'"),
+                                            ("trian.lr=1", "did you mean 'train'"),
+                                            ("train.zzz=1", "known keys: train.out_dir")])
+def test_unknown_keys_get_a_suggestion(override, hint):
+    with pytest.raises(GptError, match=hint):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_layer=four", "model.n_layer: invalid value 'four'; expected an integer"),
+    ("model.n_embd=100", "divisible by model.n_head"),
+    ("model.pos_encoding=alibi", "choose one of learned, sinusoidal, rope"),
+    ("train.lr=-1", "train.lr must be positive"),
+    ("model.dropout=1.5", "model.dropout must be in"),
+    ("train.bias", "section.key=value"),
+    ("sample.top_p=0", "top_p must be in"),
+])
+def test_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(GptError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_preset_expands_and_explicit_fields_win():
+    config = build_config({"model": {"preset": "gpt2", "n_layer": 2}})
+    assert config.model.n_embd == 768 and config.model.block_size == 1024 and config.model.n_layer == 2
+
+
+def test_unknown_preset_suggests_a_name():
+    with pytest.raises(GptError, match="did you mean 'gpt2'"):
+        build_config({"model": {"preset": "gtp2"}})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, ["model.preset=gpt2-medium", "train.lr=1e-4", "sample.stop=[END]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(config))
+    assert load_config(path) == config
+
+
+def test_bad_yaml_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layer: [1,\n")
+    with pytest.raises(GptError, match="invalid YAML at line"):
+        read_yaml(path)
+
+
+def test_all_presets_are_valid():
+    for name in PRESETS:
+        assert build_config({"model": {"preset": name}}).model.n_layer >= 1

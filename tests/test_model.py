@@ -1,0 +1,118 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from gpt.config import build_config
+from gpt.model import GPT, sinusoidal_table
+
+POS_ENCODINGS = ["learned", "sinusoidal", "rope"]
+
+
+def tiny(**model) -> GPT:
+    torch.manual_seed(0)
+    settings = {"preset": "tiny", "vocab_size": 50, "block_size": 16, **model}
+    return GPT(build_config({"model": settings}).model).eval()
+
+
+@pytest.mark.parametrize("pos", POS_ENCODINGS)
+def test_future_tokens_do_not_change_past_logits(pos):
+    model = tiny(pos_encoding=pos)
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = torch.randint(0, 50, (2, 7))
+    before, _ = model(idx)
+    after, _ = model(changed)
+    assert torch.equal(before[:, :9], after[:, :9])
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+@pytest.mark.parametrize("variant", [dict(norm="rmsnorm"), dict(activation="relu"), dict(norm_position="post"),
+                                     dict(bias=True), dict(tie_embeddings=False)])
+def test_variants_give_logits_of_the_right_shape(variant):
+    model = tiny(**variant)
+    logits, loss = model(torch.randint(0, 50, (3, 10)))
+    assert logits.shape == (3, 10, 50) and loss is None
+
+
+def test_initial_loss_is_close_to_uniform_guess():
+    model = tiny(block_size=64, n_embd=64)
+    torch.manual_seed(1)
+    idx, targets = torch.randint(0, 50, (8, 64)), torch.randint(0, 50, (8, 64))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50)) < 0.1
+
+
+def test_tied_embedding_is_one_tensor():
+    model = tiny()
+    assert model.lm_head.weight is model.wte.weight
+    with torch.no_grad():
+        model.wte.weight[3, 0] = 123.0
+    assert model.lm_head.weight[3, 0].item() == 123.0
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() == model.num_params() + 50 * 64
+
+
+def test_sinusoidal_table_matches_the_formula():
+    table = sinusoidal_table(torch.arange(20), 8)
+    for pos in range(20):
+        for i in range(4):
+            angle = pos / 10000 ** (2 * i / 8)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+    assert not any(p.numel() for name, p in tiny(pos_encoding="sinusoidal").named_parameters() if "wpe" in name)
+
+
+@pytest.mark.parametrize("preset, expected", [("gpt1", 117e6), ("gpt2", 124e6)])
+def test_preset_parameter_counts(preset, expected):
+    config = build_config({"model": {"preset": preset}}).model
+    with torch.device("meta"):
+        model = GPT(config)
+    assert abs(model.num_params() - expected) / expected < 0.01
+    assert next(model.parameters()).device.type == "meta"
+
+
+def test_gpt1_preset_is_the_paper_architecture():
+    config = build_config({"model": {"preset": "gpt1"}}).model
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (12, 12, 768, 512, 40478)
+
+
+def test_flops_per_token_follows_6n_plus_attention():
+    model = tiny()
+    c = model.config
+    n = model.num_params() - model.wpe.weight.numel()
+    assert model.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def test_input_longer_than_context_is_a_clear_error():
+    with pytest.raises(ValueError, match="block_size=16"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_tiny_model_overfits_a_repeated_text():
+    torch.manual_seed(0)
+    text = "to be or not to be, that is the question. " * 4
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(ch) for ch in text])
+    config = build_config({"model": {"preset": "tiny", "vocab_size": len(vocab), "block_size": 32}}).model
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    starts = torch.arange(0, len(ids) - 33)
+    for _ in range(150):
+        batch = torch.stack([ids[s:s + 33] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(build_config({"model": {"preset": "gpt2"}}).model, n_layer=8, vocab_size=100,
+                                    block_size=32))
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
