@@ -75,7 +75,7 @@ def _print_dataset(dataset) -> None:
             print(f"    {shard['file']}  {shard['tokens']:,} tokens")
 
 
-@app.command(context_settings={"allow_extra_args": False}, epilog="Config keys:\n\n" + config_help().replace("\n", "\n\n"))
+@app.command(epilog="Config keys:\n\n" + config_help().replace("\n", "\n\n"))
 def train(
     args: List[str] = typer.Argument(None, help="CONFIG.yaml and/or section.key=value overrides; with --resume "
                                      "the run folder may stand in place of the config."),

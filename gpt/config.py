@@ -63,7 +63,8 @@ class ModelConfig:
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = option("learned", "position encoding")
     activation: Literal["gelu", "relu"] = option("gelu", "MLP non-linearity")
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalisation layer")
-    norm_position: Literal["pre", "post"] = option("pre", "norm before each sublayer (GPT-2) or after the residual add (GPT-1)")
+    norm_position: Literal["pre", "post"] = option(
+        "pre", "norm before each sublayer (GPT-2) or after the residual add (GPT-1)")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "share the token embedding with the output projection")
     dropout: float = option(0.0, "dropout probability during training")

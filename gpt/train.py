@@ -22,8 +22,15 @@ import torch
 from tqdm import tqdm
 
 from gpt import distributed
-from gpt.checkpoint import (Checkpoint, complete_checkpoints, load_training_state, load_weights,
-                            read_checkpoint, save_best, save_checkpoint)
+from gpt.checkpoint import (
+    Checkpoint,
+    complete_checkpoints,
+    load_training_state,
+    load_weights,
+    read_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.errors import GptError
@@ -293,7 +300,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def build_run(config: Config, *, resume: bool, overwrite: bool, dist: distributed.Dist) -> tuple[Run, Checkpoint | None]:
+def build_run(config: Config, *, resume: bool, overwrite: bool,
+              dist: distributed.Dist) -> tuple[Run, Checkpoint | None]:
     tc = config.train
     device = pick_device(tc.device)
     if dist.enabled and device.type == "cuda":
@@ -324,7 +332,8 @@ def build_run(config: Config, *, resume: bool, overwrite: bool, dist: distribute
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     forward_model = distributed.wrap(maybe_compile(model, tc.compile, device), dist, device)
-    sampler = BatchSampler(dataset.splits["train"], config.model.block_size, tc.batch_size, seed=[tc.seed, 0, dist.rank])
+    sampler = BatchSampler(dataset.splits["train"], config.model.block_size, tc.batch_size,
+                           seed=[tc.seed, 0, dist.rank])
     run = Run(config=config, out_dir=out_dir, dataset=dataset, model=model, forward_model=forward_model,
               optimizer=optimizer, scaler=scaler, sampler=sampler, device=device,
               autocast=autocast_for(device, dtype), dist=dist)

@@ -1,5 +1,6 @@
 import io
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -79,7 +80,8 @@ def test_folder_glob_jsonl_and_document_split(tmp_path):
     (docs / "skip.md").write_text("not this")
     folder = run(tmp_path, [docs], tokenizer="byte", val_fraction=0.1)
     dataset = load_dataset(folder)
-    texts = {split: bytes(int(t) for t in shard_tokens(folder, split) if t < 256).decode() for split in ("train", "val")}
+    texts = {split: bytes(int(t) for t in shard_tokens(folder, split) if t < 256).decode()
+             for split in ("train", "val")}
     assert texts["val"] == "document 0\n"  # the first document goes to val, then every tenth
     assert "not this" not in texts["train"] and texts["train"].count("document") == 9
     assert dataset.meta["splits"]["train"]["tokens"] == len(texts["train"]) + 9  # one separator per document
@@ -202,3 +204,28 @@ def test_batch_sampler_windows_are_contiguous_and_resumable(char_data):
     assert all(np.array_equal(a, b) for a, b in zip(expected, resumed.next_batch()))
     with pytest.raises(GptError, match="lower model.block_size"):
         BatchSampler(shards, block_size=10**7, batch_size=1, seed=0)
+
+
+MEMORY_PROBE = """
+import resource, sys
+from gpt.data import PrepareOptions, prepare
+prepare(PrepareOptions(sources=[sys.argv[1]], tokenizer=sys.argv[2], out=sys.argv[3], workers=2))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_prepare_memory_does_not_grow_with_corpus_size(tmp_path):
+    line = "".join(chr(c) for c in range(0x20, 0x7F)) + " αβγ\n"
+    peaks = {}
+    for megabytes in (20, 200):
+        corpus = tmp_path / f"c{megabytes}.txt"
+        with open(corpus, "w") as f:
+            block = line * (1 << 14)
+            for _ in range(megabytes * (1 << 20) // len(block.encode())):
+                f.write(block)
+        args = [sys.executable, "-c", MEMORY_PROBE, str(corpus), "char", str(tmp_path / f"o{megabytes}")]
+        result = subprocess.run(args, capture_output=True, text=True, check=True)
+        peaks[megabytes] = int(result.stdout.strip().splitlines()[-1])  # KiB
+        corpus.unlink()
+    assert peaks[200] < peaks[20] * 1.15 + 20_000, peaks

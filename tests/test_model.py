@@ -76,7 +76,8 @@ def test_preset_parameter_counts(preset, expected):
 
 def test_gpt1_preset_is_the_paper_architecture():
     config = build_config({"model": {"preset": "gpt1"}}).model
-    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (12, 12, 768, 512, 40478)
+    shape = (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size)
+    assert shape == (12, 12, 768, 512, 40478) and config.norm_position == "post"
 
 
 def test_flops_per_token_follows_6n_plus_attention():

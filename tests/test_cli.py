@@ -1,0 +1,51 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from gpt import __version__
+
+
+@pytest.mark.parametrize("verb, expected", [("prepare", "--val-fraction"), ("train", "train.lr_decay_iters"),
+                                            ("sample", "--top-p"), ("chat", "--system"), ("info", "meta.json")])
+def test_every_verb_has_help(cli, verb, expected):
+    code, out, _ = cli(verb, "--help")
+    assert code == 0 and expected in out
+
+
+def test_version_and_bare_command(cli):
+    assert cli("--version")[:2] == (0, f"gpt {__version__}\n")
+    code, out, _ = cli()
+    assert code == 0 and "prepare" in out and "sample" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "configs/nope.yaml"], "config file not found"),
+    (["train", "configs/shakespeare_char.yaml", "model.n_layers=2"], "did you mean 'model.n_layer'"),
+    (["train", "configs/shakespeare_char.yaml", "train.lr=abc"], "train.lr: invalid value 'abc'"),
+    (["train"], "give a config file"),
+    (["prepare", "--tokenizer", "wordpiece"], "--tokenizer must be gpt2, char or byte"),
+    (["prepare", "--bogus"], "No such option"),
+    (["info", "nowhere"], "checkpoint not found"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(cli, args, message):
+    code, out, err = cli(*args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_reports_errors_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "gpt.cli", "train", "configs/missing.yaml"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: config file not found") and "Traceback" not in result.stderr
+
+
+def test_prepare_and_info_end_to_end(cli, tmp_path):
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text("Shall I compare thee to a summer's day?\n" * 20)
+    code, out, err = cli("prepare", corpus, "--tokenizer", "byte", "--out", tmp_path / "d", "--workers", "1")
+    assert code == 0, err
+    code, out, _ = cli("info", tmp_path / "d")
+    assert code == 0 and "tokenizer byte, vocab_size 257" in out and "train:" in out and "val:" in out

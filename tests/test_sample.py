@@ -1,0 +1,182 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gpt.config import build_config
+from gpt.model import GPT
+from gpt.sample import GenerationSettings, chat_prompt, decode, few_shot_prompt, filter_logits, generate, pick_tokens
+from gpt.tokenizer import ByteTokenizer, CharTokenizer
+from gpt.train import train
+
+POS_ENCODINGS = ["learned", "sinusoidal", "rope"]
+
+
+def tiny(pos="learned", vocab=30, block_size=16) -> GPT:
+    torch.manual_seed(0)
+    config = build_config({"model": {"preset": "tiny", "vocab_size": vocab, "block_size": block_size,
+                                     "pos_encoding": pos}}).model
+    return GPT(config).eval()
+
+
+def greedy(logits):
+    return logits.argmax(-1)
+
+
+@pytest.mark.parametrize("pos", POS_ENCODINGS)
+def test_kv_cache_gives_the_tokens_of_full_recompute_across_the_crop(pos):
+    model = tiny(pos)
+    prompt = torch.randint(0, 30, (2, 10))
+    cached = torch.stack(list(decode(model, prompt, 25, greedy, use_cache=True)), dim=1)
+    # Reference: the textbook loop, recomputing the last block_size tokens every step.
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(25):
+            seq = torch.cat([seq, model(seq[:, -16:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, seq[:, 10:])
+    recomputed = torch.stack(list(decode(model, prompt, 25, greedy, use_cache=False)), dim=1)
+    assert torch.equal(recomputed, cached)
+
+
+def test_prompt_longer_than_context_is_cropped():
+    model = tiny()
+    tokens = list(decode(model, torch.randint(0, 30, (1, 40)), 3, greedy))
+    assert len(tokens) == 3
+
+
+def test_top_k_only_emits_the_k_most_likely():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, 2.0, 3.0]])
+    generator = torch.Generator().manual_seed(0)
+    seen = {pick_tokens(logits, 5.0, 3, 1.0, generator).item() for _ in range(500)}
+    assert seen == {1, 3, 5}
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+
+    def kept(p):
+        return set(torch.nonzero(filter_logits(logits, None, p)[0] > -float("inf")).flatten().tolist())
+
+    assert kept(0.8) == {1, 3}           # 0.5 + 0.3 reaches 0.8
+    assert kept(0.81) == {1, 3, 2}       # 0.8 falls short, so the next most likely joins
+    assert kept(0.3) == {1}              # the top token alone already reaches p
+    assert kept(0.01) == {1}             # the top token always stays
+    assert kept(1.0) == {0, 1, 2, 3}
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, 1.9]])
+    assert pick_tokens(logits, 0.0, None, 1.0, None).item() == 1
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that emits a fixed token script, to test stopping rules."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.config = build_config({"model": {"preset": "tiny", "vocab_size": vocab, "block_size": 64}}).model
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def _next(self, batch):
+        logits = torch.full((batch, self.vocab), -1e9)
+        logits[:, self.script[min(self.step, len(self.script) - 1)]] = 0.0
+        self.step += 1
+        return logits
+
+    def forward(self, idx):
+        return self._next(idx.size(0))[:, None, :].expand(-1, idx.size(1), -1), None
+
+    def forward_step(self, idx, cache):
+        cache.pos += idx.size(1)
+        return self._next(idx.size(0))
+
+
+def test_stop_string_cuts_before_it_and_streaming_never_shows_it():
+    tok = CharTokenizer("ab\nUser: x\nmore")
+    model = Scripted(tok.encode("ab\nUser: x\nmore"), tok.vocab_size)
+    pieces = []
+    [sample] = generate(model, tok, "a", GenerationSettings(max_new_tokens=50, temperature=0, stop=["\nUser:"]),
+                        on_text=pieces.append)
+    assert sample.text == "ab" and sample.stop_reason == "stop"
+    assert "".join(pieces) == "ab"
+
+
+def test_end_of_text_stops_unless_ignored():
+    tok = ByteTokenizer()
+    script = [104, 105, 256, 106]
+    [sample] = generate(Scripted(script, 257), tok, "x", GenerationSettings(max_new_tokens=10, temperature=0))
+    assert (sample.text, sample.stop_reason, len(sample.tokens)) == ("hi", "eot", 2)
+    settings = GenerationSettings(max_new_tokens=4, temperature=0, ignore_eot=True)
+    [sample] = generate(Scripted(script, 257), tok, "x", settings)
+    assert (sample.text, sample.stop_reason, len(sample.tokens)) == ("hij", "max_tokens", 4)
+
+
+def test_same_seed_same_text_and_batches_differ():
+    model = tiny(vocab=26)
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    settings = GenerationSettings(max_new_tokens=30, temperature=1.0, top_k=None, seed=7, num_samples=3)
+    first = [s.text for s in generate(model, tok, "abc", settings)]
+    second = [s.text for s in generate(model, tok, "abc", settings)]
+    assert first == second and len(set(first)) == 3
+    settings.seed = 8
+    assert [s.text for s in generate(model, tok, "abc", settings)] != first
+
+
+def test_prompt_framing():
+    assert chat_prompt("Be brief.", [("Hi", "Hello.")], "Who are you?") == (
+        "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Who are you?\nAssistant:")
+    assert few_shot_prompt("Q: 1+1\nA: 2\n\n\n", "Q: 2+2\nA:") == "Q: 1+1\nA: 2\n\nQ: 2+2\nA:"
+
+
+@pytest.fixture(scope="module")
+def trained(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_config(char_data, out, max_iters=10))
+    return out
+
+
+def test_sample_cli_json_and_errors(trained, cli, tmp_path):
+    code, out, err = cli("sample", trained, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
+                         "--num-samples", "2", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] == "ROMEO:" and r["tokens"] == 20 for r in rows)
+    assert rows[0]["stop_reason"] == "max_tokens"
+    again = cli("sample", trained, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1",
+                "--num-samples", "2", "--json")[1]
+    assert [json.loads(line)["text"] for line in again.splitlines()] == [r["text"] for r in rows]
+    examples = tmp_path / "shots.txt"
+    examples.write_text("KING:\nGood morrow.\n")
+    code, out, _ = cli("sample", trained, "--few-shot", examples, "--prompt", "QUEEN:", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("KING:\nGood morrow.\n\nQUEEN:")
+    for args, message in [(["--top-k", "0"], "top_k must be at least 1"), (["--top-p", "1.5"], "top_p must be in"),
+                          (["--temperature", "-1"], "temperature must be >= 0"),
+                          (["--prompt", "ROMEO€"], "'€'")]:
+        code, _, err = cli("sample", trained, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("sample", tmp_path / "missing")
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, cli, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "latest", broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    code, _, err = cli("sample", broken)
+    assert code == 2 and "corrupt" in err
+
+
+def test_chat_reads_turns_from_stdin(trained, cli, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nHow art thou?\n"))
+    code, out, err = cli("chat", trained, "--system", "Speak as Shakespeare.", "--max-new-tokens", "8", "--seed", "0")
+    assert code == 0, err
+    replies = [line for line in out.splitlines() if line.startswith("Assistant:")]
+    assert len(replies) == 2

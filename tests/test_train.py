@@ -1,0 +1,207 @@
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, tiny_config
+
+from gpt import distributed
+from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
+from gpt.config import apply_overrides, build_config, to_dict
+from gpt.errors import GptError
+from gpt.metrics import read_metrics
+from gpt.model import GPT
+from gpt.train import accumulate_gradients, build_run, lr_at, make_optimizer, train
+
+
+def with_changes(config, *overrides):
+    return build_config(apply_overrides(to_dict(config), list(overrides)))
+
+
+def test_lr_schedule_at_known_iterations():
+    schedule = [lr_at(it, 1.0, 0.1, 10, 110) for it in (0, 4, 9, 10, 60, 109, 110, 500)]
+    expected = [0.1, 0.5, 1.0, 1.0, 0.55, 0.1 + 0.45 * (1 + math.cos(math.pi * 99 / 100)), 0.1, 0.1]
+    assert schedule == pytest.approx(expected)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    config = build_config({"model": {"preset": "tiny", "vocab_size": 40, "block_size": 16}}).model
+    model = GPT(config)
+    x, y = torch.randint(0, 40, (8, 16)), torch.randint(0, 40, (8, 16))
+    loss_big = accumulate_gradients(model, [(x, y)], contextlib.nullcontext)
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_small = accumulate_gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)],
+                                      contextlib.nullcontext)
+    assert loss_small == pytest.approx(loss_big, rel=1e-5)
+    for a, b in zip(big, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_skips_embeddings_norms_and_biases():
+    model = GPT(build_config({"model": {"preset": "tiny", "vocab_size": 40, "bias": True}}).model)
+    decay, no_decay = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu")).param_groups
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.wte.weight) not in decayed and id(model.wpe.weight) not in decayed
+    assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.blocks[0].attn.qkv.bias) not in decayed
+    assert id(model.blocks[0].norm1.weight) not in decayed
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+LOGGED = ("iter", "tokens", "loss", "lr", "grad_norm", "eval_train_loss", "val_loss")
+
+
+def test_resume_gives_bitwise_identical_losses(char_data, tmp_path):
+    straight = tiny_config(char_data, tmp_path / "straight", max_iters=20, lr_decay_iters=20, eval_interval=5)
+    assert train(straight) == 0
+    first = with_changes(straight, f"train.out_dir={tmp_path / 'split'}", "train.max_iters=10")
+    assert train(first) == 0
+    assert train(with_changes(first, "train.max_iters=20"), resume=True) == 0
+    rows = [[{k: r[k] for k in LOGGED} for r in read_metrics(tmp_path / name / "metrics.csv")]
+            for name in ("straight", "split")]
+    assert len(rows[0]) == 20 and rows[0] == rows[1]
+    assert [float(r["loss"]) for r in rows[0]] == [float(r["loss"]) for r in rows[1]]
+    a, b = (load_model(read_checkpoint(tmp_path / name)) for name in ("straight", "split"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_from_run_folder_via_cli(char_data, tmp_path, cli):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=10)
+    train(config)
+    code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=12", "train.lr=1e-3")
+    assert code == 0, err
+    assert "train.max_iters: 10 -> 12" in out and "train.lr: 0.003 -> 0.001" in out
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 12
+
+
+def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=5)
+    train(config)
+    with pytest.raises(GptError, match="model.n_layer differ"):
+        train(with_changes(config, "model.n_layer=3"), resume=True)
+
+
+def test_train_bad_inputs(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=2)
+    cases = [
+        (with_changes(config, f"data.dir={tmp_path / 'nope'}"), "data folder not found"),
+        (with_changes(config, "model.vocab_size=100"), "set model.vocab_size=null"),
+        (with_changes(config, "model.block_size=1000000"), "lower model.block_size"),
+        (with_changes(config, "train.device=cuda"), "CUDA is not available"),
+    ]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases.append((with_changes(config, f"train.out_dir={blocker / 'run'}"), "cannot write to train.out_dir"))
+    for bad, message in cases:
+        with pytest.raises(GptError, match=message):
+            train(bad)
+    with pytest.raises(GptError, match="nothing to resume"):
+        train(config, resume=True)
+    train(config)
+    with pytest.raises(GptError, match="already holds a run; pass --resume .* or --overwrite"):
+        train(config)
+    assert train(config, overwrite=True) == 0
+
+
+def test_fine_tuning_starts_from_checkpoint_weights(char_data, tmp_path):
+    base = tiny_config(char_data, tmp_path / "base", max_iters=5)
+    train(base)
+    tuned = with_changes(base, f"train.out_dir={tmp_path / 'tuned'}", f"train.init_from={tmp_path / 'base'}")
+    run, _ = build_run(tuned, resume=False, overwrite=False, dist=distributed.Dist())
+    source = load_model(read_checkpoint(tmp_path / "base"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), run.model.state_dict().values()))
+    assert run.it == 0 and not run.optimizer.state
+    with pytest.raises(GptError, match="model.n_embd=64 .here 32."):
+        train(with_changes(tuned, "model.n_embd=32"))
+
+
+def test_malicious_pickle_in_checkpoint_is_refused(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=3))
+    folder = find_checkpoint(tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
+    with pytest.raises(GptError, match="refused: not a safe checkpoint file"):
+        load_training_state(folder)
+    with pytest.raises(GptError, match="refused"):
+        train(tiny_config(char_data, tmp_path / "run", max_iters=6), resume=True)
+    assert not marker.exists()
+
+
+KILL_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from gpt.checkpoint import save_checkpoint
+from gpt.config import build_config
+from gpt.model import GPT
+config = build_config({"model": {"preset": "mini", "vocab_size": 2000}})
+model = GPT(config.model)
+out = Path(sys.argv[1])
+out.mkdir(exist_ok=True)
+for it in range(1, 10000):
+    with torch.no_grad():
+        model.wte.weight[0, 0] = it
+    save_checkpoint(out, model, config, {"name": "byte"}, {"iter": it}, {"step": torch.tensor(it)}, keep_last=2)
+    print(it, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
+    for trial, delay in enumerate((0.37, 0.71, 1.13)):
+        out = tmp_path / f"run{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out)], stdout=subprocess.PIPE, cwd=REPO)
+        proc.stdout.readline()  # the first checkpoint is complete
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        latest = out / "latest"
+        assert latest.is_symlink() and latest.resolve().is_dir()
+        ckpt = read_checkpoint(latest)
+        model = load_model(ckpt)
+        assert model.wte.weight[0, 0].item() == ckpt.state["iter"]
+        assert load_training_state(ckpt.path)["step"].item() == ckpt.state["iter"]
+        assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{preset: tiny, block_size: 32}}\ndata: {{dir: {char_data}}}\n"
+                      f"train: {{out_dir: {tmp_path / 'run'}, device: cpu, batch_size: 4, max_iters: 100000, "
+                      f"eval_iters: 2, log_interval: 1, ckpt_interval: 100000}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.cli", "train", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "gpt train --resume" in err and "Traceback" not in err
+    assert read_checkpoint(tmp_path / "run").state["iter"] >= 3
+
+
+@pytest.mark.slow
+def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
+    from gpt.config import load_config
+    from gpt.data import PrepareOptions, prepare
+
+    data = prepare(PrepareOptions(sources=["shakespeare_char"], out=str(tmp_path / "data"), workers=1))
+    config = load_config(REPO / "configs" / "shakespeare_char.yaml",
+                         [f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_iters=150",
+                          "train.eval_interval=150", "train.eval_iters=20", "train.device=cpu"])
+    assert train(config) == 0
+    losses = read_checkpoint(tmp_path / "run").state["losses"]
+    assert losses["val"] < 2.5
