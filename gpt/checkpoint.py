@@ -148,7 +148,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_weights(model: GPT, folder: Path) -> None:
-    """Load safetensors weights into `model` (which may live on the meta device)."""
+    """Load safetensors weights into `model`. A model on the meta device gets the loaded
+    tensors assigned (no copy); a real one is copied into, so that an optimizer already
+    holding its parameters keeps updating the same tensors."""
     try:
         weights = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as exc:
@@ -156,7 +158,7 @@ def load_weights(model: GPT, folder: Path) -> None:
     if model.config.tie_embeddings and "wte.weight" in weights:
         weights["lm_head.weight"] = weights["wte.weight"]
     try:
-        model.load_state_dict(weights, strict=True, assign=True)
+        model.load_state_dict(weights, strict=True, assign=next(model.parameters()).is_meta)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise GptError(f"{folder}: weights do not fit the model config ({first})") from None

@@ -3,6 +3,7 @@ only; the work happens in the modules it calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -112,7 +113,7 @@ def _train_config(args: List[str], resume: bool) -> Config:
 
 def _sample_settings(defaults: SampleConfig, **given) -> SampleConfig:
     """The checkpoint's sample section with the options given on the command line."""
-    values = {k: v for k, v in to_dict(Config(sample=defaults))["sample"].items()}
+    values = dataclasses.asdict(defaults)
     values.update({k: v for k, v in given.items() if v is not None})
     return build_config({"sample": values}).sample
 

@@ -205,3 +205,26 @@ def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
     assert train(config) == 0
     losses = read_checkpoint(tmp_path / "run").state["losses"]
     assert losses["val"] < 2.5
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{preset: tiny, block_size: 32}}\ndata: {{dir: {char_data}}}\n"
+                      f"train: {{out_dir: {tmp_path / 'run'}, device: cpu, batch_size: 4, max_iters: 6, "
+                      f"eval_interval: 3, eval_iters: 2, log_interval: 1, ckpt_interval: 3}}\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+                "-m", "gpt.cli", "train", str(config)]
+    result = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert ckpt.state["iter"] == 6 and ckpt.state["world_size"] == 2
+    assert len(ckpt.state["data_state"]) == 2 and ckpt.state["data_state"][0] != ckpt.state["data_state"][1]
+    assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
+    assert result.stdout.count("model: ") == 1  # only rank 0 prints
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [int(r["iter"]) for r in rows] == list(range(1, 7))
+    result = subprocess.run(torchrun[:-1] + ["--resume", str(config), "train.max_iters=8"], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 8
