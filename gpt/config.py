@@ -68,6 +68,8 @@ class ModelConfig:
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "share the token embedding with the output projection")
     dropout: float = option(0.0, "dropout probability during training")
+    attn_dropout: Optional[float] = option(
+        None, "dropout on attention probabilities; null means model.dropout (0 keeps SDPA's fused kernel)")
 
     def __post_init__(self) -> None:
         _require(self.preset is None or self.preset in PRESETS,
@@ -83,6 +85,8 @@ class ModelConfig:
         _require(self.vocab_size is None or self.vocab_size >= 2,
                  f"model.vocab_size must be at least 2, got {self.vocab_size}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
+                 f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
 
 
 @dataclass(kw_only=True)
@@ -95,7 +99,8 @@ class TrainConfig:
     out_dir: str = option("runs/shakespeare_char", "where checkpoints, metrics.csv and loss.png go")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "auto: bf16 autocast on CUDA with bf16, fp16 + GradScaler on older GPUs, fp32 on CPU")
+        "auto", "auto: bf16 autocast on GPUs and CPUs with native bf16, fp16 + GradScaler on older GPUs, "
+        "else fp32")
     compile: Union[bool, Literal["auto"]] = option("auto", "torch.compile: auto (CUDA only), true or false")
     seed: int = option(1337, "seed for weights, data order and dropout")
     batch_size: int = option(64, "sequences per micro-batch")

@@ -309,8 +309,8 @@ def _write_splits(opts: PrepareOptions, reader: Reader, tokenize: Tokenize, trai
                 for document in reader.documents(source):
                     tokenize.document(writers[split], document)
         return
-    documents = sum(len(s.files) for s in train_sources if not s.jsonl) + sum(s.jsonl for s in train_sources)
-    if documents == 1 and not train_sources[0].jsonl and opts.val_fraction > 0:
+    single_text = len(train_sources) == 1 and len(train_sources[0].files) == 1 and not train_sources[0].jsonl
+    if single_text and opts.val_fraction > 0:
         head, tail = reader.text_halves(train_sources[0], opts.val_fraction)
         tokenize.document(writers["train"], head)
         tokenize.document(writers["val"], tail)

@@ -63,7 +63,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual_projection = True

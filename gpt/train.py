@@ -40,7 +40,7 @@ from gpt.shards import BatchSampler, Dataset, load_dataset
 
 RUN_FILES = ("latest", "best", "metrics.csv", "loss.png", "tensorboard")
 # Model fields that may change between a checkpoint and the run that continues it.
-NON_SHAPE_FIELDS = {"dropout", "preset"}
+NON_SHAPE_FIELDS = {"dropout", "attn_dropout", "preset"}
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -182,13 +182,10 @@ def shape_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 
 def config_diff(old: Config, new: Config) -> list[str]:
-    lines = []
-    for section, body in to_dict(new).items():
-        for key, value in body.items():
-            before = to_dict(old)[section][key]
-            if before != value:
-                lines.append(f"  {section}.{key}: {before!r} -> {value!r}")
-    return lines
+    before = to_dict(old)
+    return [f"  {section}.{key}: {before[section][key]!r} -> {value!r}"
+            for section, body in to_dict(new).items() for key, value in body.items()
+            if before[section][key] != value]
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:

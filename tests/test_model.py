@@ -117,3 +117,9 @@ def test_residual_projections_use_scaled_init():
     std = model.blocks[0].attn.proj.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
+    assert tiny(dropout=0.2).blocks[0].attn.dropout == 0.2
+    model = tiny(dropout=0.2, attn_dropout=0.0)
+    assert model.blocks[0].attn.dropout == 0.0 and model.blocks[0].mlp.dropout.p == 0.2

@@ -96,6 +96,8 @@ def test_train_bad_inputs(char_data, tmp_path):
         (with_changes(config, "model.block_size=1000000"), "lower model.block_size"),
         (with_changes(config, "train.device=cuda"), "CUDA is not available"),
     ]
+    (tmp_path / "no_meta").mkdir()
+    cases.append((with_changes(config, f"data.dir={tmp_path / 'no_meta'}"), "has no meta.json"))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cases.append((with_changes(config, f"train.out_dir={blocker / 'run'}"), "cannot write to train.out_dir"))
