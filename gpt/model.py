@@ -210,8 +210,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
-    def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run new tokens idx (B, T) after those already in `cache`; return the logits (B, vocab)
-        for the token that follows them. Only the last position is unembedded."""
+    def forward_step(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Run new tokens idx (B, T) after those already in `cache` (or alone, without one);
+        return the logits (B, vocab) for the token that follows. Only the last position is
+        unembedded, which matters with a 50k vocabulary."""
         x = self._trunk(idx, cache)
         return self.lm_head(x[:, -1, :])

@@ -50,21 +50,15 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
     """Yield `steps` next tokens (B,) for the sequences idx (B, T).
 
     With the cache the prompt is run once and each new token costs one attention row. The
-    context is always the last block_size tokens: once it is full, the window slides and the
-    cache is rebuilt from the cropped window, so the result equals recomputing from scratch
-    for every kind of position encoding."""
+    context is always the last block_size tokens: once it is full the window slides, which
+    shifts every position, so each further step recomputes the cropped window (without the
+    cache, which would be rebuilt every step). The result equals recomputing from scratch at
+    every step, for every kind of position encoding."""
     block_size = model.config.block_size
     param = next(model.parameters())
     cache = KVCache(model.config, idx.size(0), param.device, param.dtype) if use_cache else None
-
-    def run_window(window: torch.Tensor) -> torch.Tensor:
-        if cache is None:
-            return model(window)[0][:, -1, :]
-        cache.reset()
-        return model.forward_step(window, cache)
-
     seq = idx[:, -block_size:]
-    logits = run_window(seq)
+    logits = model.forward_step(seq, cache)
     for _ in range(steps):
         token = pick(logits)
         yield token
@@ -73,7 +67,7 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
             logits = model.forward_step(token[:, None], cache)
         else:
             seq = seq[:, -block_size:]
-            logits = run_window(seq)
+            logits = model.forward_step(seq, None)
 
 
 @dataclass
