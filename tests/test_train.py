@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, tiny_config
 
 from gpt import distributed
@@ -177,13 +178,20 @@ def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
         assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
 
 
+def tiny_yaml(tmp_path, data_dir, **train) -> str:
+    """A config file for subprocess runs: the tiny model, 4 x 32 tokens per step."""
+    settings = {"out_dir": str(tmp_path / "run"), "device": "cpu", "batch_size": 4, "eval_iters": 2,
+                "log_interval": 1, **train}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(data_dir)},
+                                    "train": settings}))
+    return str(path)
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{preset: tiny, block_size: 32}}\ndata: {{dir: {char_data}}}\n"
-                      f"train: {{out_dir: {tmp_path / 'run'}, device: cpu, batch_size: 4, max_iters: 100000, "
-                      f"eval_iters: 2, log_interval: 1, ckpt_interval: 100000}}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "gpt.cli", "train", str(config)], stdout=subprocess.PIPE,
+    config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.cli", "train", config], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     for line in proc.stdout:
         if line.startswith("iter 3/"):
@@ -211,12 +219,9 @@ def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{preset: tiny, block_size: 32}}\ndata: {{dir: {char_data}}}\n"
-                      f"train: {{out_dir: {tmp_path / 'run'}, device: cpu, batch_size: 4, max_iters: 6, "
-                      f"eval_interval: 3, eval_iters: 2, log_interval: 1, ckpt_interval: 3}}\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-                "-m", "gpt.cli", "train", str(config)]
+    config = tiny_yaml(tmp_path, char_data, max_iters=6, eval_interval=3, ckpt_interval=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "gpt.cli", "train", config]
     result = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = read_checkpoint(tmp_path / "run")
