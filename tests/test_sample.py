@@ -180,3 +180,9 @@ def test_chat_reads_turns_from_stdin(trained, cli, monkeypatch):
     assert code == 0, err
     replies = [line for line in out.splitlines() if line.startswith("Assistant:")]
     assert len(replies) == 2
+
+
+def test_info_describes_a_run(trained, cli):
+    code, out, err = cli("info", trained)
+    assert code == 0, err
+    assert "iter 10" in out and "2 layers, 2 heads, 64 wide, context 32, vocab" in out and "ckpt_000010" in out
