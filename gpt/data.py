@@ -43,14 +43,6 @@ SAFE_CUT = re.compile(r"\n(?=\S)")
 
 
 @dataclass
-class Document:
-    """One document: a whole text file, a line of a JSONL file, or stdin."""
-
-    path: Path
-    line: int | None = None  # for JSONL: the 1-based line, whose field is the text
-
-
-@dataclass
 class Source:
     """One input as named on the command line, expanded to its documents."""
 

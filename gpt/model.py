@@ -54,9 +54,6 @@ class KVCache:
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def reset(self) -> None:
-        self.pos = 0
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
