@@ -7,6 +7,7 @@ instructions.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -123,7 +124,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: Generation
         generator.seed()
     samples = [Sample(prompt=prompt) for _ in range(settings.num_samples)]
     stream = _Streamer(on_text, settings.stop) if on_text else None
-    pick = lambda logits: pick_tokens(logits, settings.temperature, settings.top_k, settings.top_p, generator)  # noqa: E731
+    pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                             top_p=settings.top_p, generator=generator)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -138,8 +140,6 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: Generation
     elapsed = max(time.perf_counter() - start, 1e-9)
     model.train(was_training)
     for sample in samples:
-        if not sample.done:
-            sample.text = tokenizer.decode(sample.tokens)
         sample.tokens_per_s = len(sample.tokens) / elapsed
     if stream:
         stream.update(samples[0].text, final=True)
