@@ -344,7 +344,11 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> i
     dist = distributed.setup(pick_device(config.train.device).type)
     try:
         run, checkpoint = build_run(config, resume=resume, overwrite=overwrite, dist=dist)
-        return _loop(run, checkpoint)
+        code = _loop(run, checkpoint)
+        # Let rank 0 finish writing before any rank tears the process group down: a rank that
+        # leaves early aborts inside gloo ("terminate called without an active exception").
+        distributed.barrier(dist)
+        return code
     except torch.cuda.OutOfMemoryError:
         t = config.train
         raise GptError(f"out of GPU memory at train.batch_size={t.batch_size}, model.block_size="
