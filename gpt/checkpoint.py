@@ -86,13 +86,16 @@ def save_checkpoint(out_dir: Path, model: GPT, config: Config, tokenizer_info: d
     """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`."""
     name = f"ckpt_{state['iter']:06d}"
     final, tmp = out_dir / name, out_dir / f"{name}.tmp"
+    if final.is_dir():
+        # This iteration is already saved (a resumed run stopped before its first step).
+        # Deleting it to write it again would leave `latest` dangling for a moment.
+        _atomic_link(out_dir, "latest", name)
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     _write_model_files(tmp, model, config, tokenizer_info, state)
     torch.save(training_state, tmp / "optimizer.pt")
     fsync_path(tmp / "optimizer.pt")
     fsync_path(tmp)
-    if final.exists():  # the same iteration saved again (e.g. a resumed run stopped at once)
-        shutil.rmtree(final)
     tmp.rename(final)
     fsync_path(out_dir)
     _atomic_link(out_dir, "latest", name)

@@ -235,3 +235,19 @@ def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_checkpoint(tmp_path / "run").state["iter"] == 8
+
+
+def test_saving_an_iteration_again_keeps_the_complete_checkpoint(tmp_path):
+    from gpt.checkpoint import save_checkpoint
+
+    config = build_config({"model": {"preset": "tiny", "vocab_size": 40}})
+    model = GPT(config.model)
+    save_checkpoint(tmp_path, model, config, {"name": "byte"}, {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    before = (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns
+    with torch.no_grad():
+        model.wte.weight.zero_()
+    save_checkpoint(tmp_path, model, config, {"name": "byte"}, {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    assert (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert read_checkpoint(tmp_path / "latest").state["iter"] == 4
+    assert load_model(read_checkpoint(tmp_path)).wte.weight.abs().sum() > 0
