@@ -100,6 +100,8 @@ def _train_config(args: List[str], resume: bool) -> Config:
         raise GptError("give a config file, e.g. gpt train configs/shakespeare_char.yaml "
                        "(or gpt train --resume RUN_DIR)")
     path = Path(paths[0])
+    if resume and not path.exists():
+        raise GptError(f"{path} does not exist; --resume takes a run folder (train.out_dir) or the run's config file")
     if path.is_dir():
         if not resume:
             raise GptError(f"{path} is a folder; to continue that run use gpt train --resume {path}")

@@ -25,6 +25,7 @@ def test_version_and_bare_command(cli):
     (["train", "configs/shakespeare_char.yaml", "model.n_layers=2"], "did you mean 'model.n_layer'"),
     (["train", "configs/shakespeare_char.yaml", "train.lr=abc"], "train.lr: invalid value 'abc'"),
     (["train"], "give a config file"),
+    (["train", "--resume", "runs/nowhere"], "--resume takes a run folder"),
     (["prepare", "--tokenizer", "wordpiece"], "--tokenizer must be gpt2, char or byte"),
     (["prepare", "--bogus"], "No such option"),
     (["info", "nowhere"], "checkpoint not found"),
