@@ -1,14 +1,10 @@
 """Checkpoints: atomic writes, retention, safe loading.
 
-Layout of a run folder (see DESIGN.md):
-    ckpt_000500/  model.safetensors, config.yaml, tokenizer.json, state.json, optimizer.pt
-    latest -> ckpt_000500
-    best/         model.safetensors, config.yaml, tokenizer.json, state.json
-
-A checkpoint is written to `ckpt_N.tmp/`, fsynced and renamed; only then does `latest` move.
-The rename is the completeness marker, so a crash at any moment leaves the previous
-checkpoint intact. Nothing is unpickled: weights are safetensors and the optimizer file is
-read with `torch.load(weights_only=True)`.
+The layout of a run folder is `gpt.formats.RunFolder`. A checkpoint is written to
+`ckpt_N.tmp/`, fsynced and renamed; only then does `latest` move. The rename is the
+completeness marker, so a crash at any moment leaves the previous checkpoint intact. `best`
+is a link to a complete `best_N/` folder, switched the same way. Nothing is unpickled:
+weights are safetensors and the training state is read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,33 +22,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.config import Config, build_config, dump_yaml, read_yaml
+from gpt.durable import fsync_path, write_durably
 from gpt.errors import GptError
+from gpt.formats import RunFolder
 from gpt.model import GPT
-from gpt.shards import fsync_path
-from gpt.tokenizer import Tokenizer, tokenizer_from_json
+from gpt.tokenizer import Tokenizer, TokenizerSpec
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})$")
-WEIGHTS = "model.safetensors"
+WEIGHTS = RunFolder.WEIGHTS
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: Config
-    tokenizer_info: dict[str, Any]
-    state: dict[str, Any]
+    tokenizer_spec: TokenizerSpec
+    state: dict[str, Any]  # state.json: iter, tokens, best_val_loss, losses, world_size
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return tokenizer_from_json(self.tokenizer_info)
-
-
-def _write_file(path: Path, data: bytes | str) -> None:
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(path, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        return self.tokenizer_spec.build()
 
 
 def _weights(model: GPT) -> dict[str, torch.Tensor]:
@@ -64,75 +51,86 @@ def _weights(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer_info: dict, state: dict) -> None:
+def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
     folder.mkdir(parents=True)
     save_file(_weights(model), str(folder / WEIGHTS))
     fsync_path(folder / WEIGHTS)
-    _write_file(folder / "config.yaml", dump_yaml(config))
-    _write_file(folder / "tokenizer.json", json.dumps(tokenizer_info, ensure_ascii=False) + "\n")
-    _write_file(folder / "state.json", json.dumps(state, indent=1) + "\n")
+    write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
+    write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
+    write_durably(folder / RunFolder.STATE, json.dumps(state, indent=1) + "\n")
 
 
-def _atomic_link(out_dir: Path, name: str, target: str) -> None:
-    tmp = out_dir / f".{name}.tmp"
+def _atomic_link(link: Path, target: str) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
-    os.replace(tmp, out_dir / name)
-    fsync_path(out_dir)
+    os.replace(tmp, link)
+    fsync_path(link.parent)
 
 
-def save_checkpoint(out_dir: Path, model: GPT, config: Config, tokenizer_info: dict, state: dict,
-                    training_state: dict, keep_last: int) -> Path:
-    """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`."""
-    name = f"ckpt_{state['iter']:06d}"
-    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-    if final.is_dir():
-        # This iteration is already saved (a resumed run stopped before its first step).
-        # Deleting it to write it again would leave `latest` dangling for a moment.
-        _atomic_link(out_dir, "latest", name)
-        return final
+def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+                  training: dict | None = None) -> None:
+    """Write a complete folder at `final` through `final.tmp` and a rename."""
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_model_files(tmp, model, config, tokenizer_info, state)
-    torch.save(training_state, tmp / "optimizer.pt")
-    fsync_path(tmp / "optimizer.pt")
+    _write_model_files(tmp, model, config, tokenizer, state)
+    if training is not None:
+        torch.save(training, tmp / RunFolder.TRAINING)
+        fsync_path(tmp / RunFolder.TRAINING)
     fsync_path(tmp)
     tmp.rename(final)
-    fsync_path(out_dir)
-    _atomic_link(out_dir, "latest", name)
-    for old in complete_checkpoints(out_dir)[:-keep_last]:
+    fsync_path(final.parent)
+
+
+def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+                    training: dict, keep_last: int) -> Path:
+    """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`.
+    `state` goes to state.json (readable); `training` (optimizer, scaler, per-rank sampler and
+    RNG states) to optimizer.pt."""
+    final = run.checkpoint(state["iter"])
+    # An iteration already saved (a resumed run stopped before its first step) is kept:
+    # deleting it to write it again would leave `latest` dangling for a moment.
+    if not final.is_dir():
+        _write_folder(final, model, config, tokenizer, state, training)
+    _atomic_link(run.latest, final.name)
+    for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save_best(out_dir: Path, model: GPT, config: Config, tokenizer_info: dict, state: dict) -> None:
-    """Replace best/ with these weights (new copy written first, then swapped in)."""
-    tmp, best, old = out_dir / "best.tmp", out_dir / "best", out_dir / "best.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_model_files(tmp, model, config, tokenizer_info, state)
-    fsync_path(tmp)
-    if best.exists():
-        best.rename(old)
-    tmp.rename(best)
-    fsync_path(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def save_model(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+    """Write a weights-only checkpoint folder (what `gpt sample`, `gpt info` and
+    `train.init_from` read) atomically; refuses to replace an existing folder."""
+    if folder.exists():
+        raise GptError(f"{folder} already exists; remove it or choose another output folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _write_folder(folder, model, config, tokenizer, state)
 
 
-def complete_checkpoints(out_dir: Path) -> list[Path]:
-    """Finished checkpoint folders, oldest first (unfinished ones still end in .tmp)."""
-    if not out_dir.is_dir():
-        return []
-    found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)))
+def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+    """Point `best` at a new complete best_<iter>/ folder, then delete the previous one. At
+    every moment `best` is either the old complete folder or the new one."""
+    final = run.root / f"best_{state['iter']:06d}"
+    if not final.is_dir():
+        _write_folder(final, model, config, tokenizer, state)
+    _atomic_link(run.best, final.name)
+    for old in run.root.glob("best_*"):
+        if old.name != final.name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest complete checkpoint of a run folder."""
+    """A checkpoint folder itself, or the checkpoint of a run folder that `latest` points to
+    (the newest complete one if `latest` is missing)."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path
     if not path.exists():
         raise GptError(f"checkpoint not found: {path}; give a run folder (train.out_dir) or a ckpt_* folder")
-    complete = complete_checkpoints(path)
+    run = RunFolder(path)
+    if (run.latest / WEIGHTS).is_file():
+        return run.latest.resolve()
+    complete = run.checkpoints()
     if not complete:
         raise GptError(f"{path} holds no complete checkpoint; train first or give a ckpt_* folder")
     return complete[-1]
@@ -142,12 +140,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Config, tokenizer and state of a checkpoint (weights are loaded by `load_model`)."""
     folder = find_checkpoint(path)
     try:
-        config = build_config(read_yaml(folder / "config.yaml"))
-        tokenizer_info = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, GptError) as exc:
+        config = build_config(read_yaml(folder / RunFolder.CONFIG))
+        tokenizer_json = json.loads((folder / RunFolder.TOKENIZER).read_text(encoding="utf-8"))
+        tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER))
+        state = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:
         raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); use another checkpoint") from None
-    return Checkpoint(path=folder, config=config, tokenizer_info=tokenizer_info, state=state)
+    if not isinstance(state, dict):
+        raise GptError(f"checkpoint {folder} is corrupt ({RunFolder.STATE} is not an object); use another checkpoint")
+    return Checkpoint(path=folder, config=config, tokenizer_spec=tokenizer, state=state)
 
 
 def load_weights(model: GPT, folder: Path) -> None:
@@ -177,10 +178,11 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> GP
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
-    """Optimizer, scaler and RNG states. weights_only=True refuses anything but tensors and
-    plain containers, so a tampered file cannot run code."""
+    """Optimizer, scaler and per-rank sampler and RNG states. weights_only=True refuses
+    anything but tensors and plain containers, so a tampered file cannot run code."""
+    path = folder / RunFolder.TRAINING
     try:
-        return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GptError(f"{folder / 'optimizer.pt'} was refused: not a safe checkpoint file ({reason[:160]})") from None
+        raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None

@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
@@ -69,11 +69,12 @@ def prepare(
 
 def _print_dataset(dataset) -> None:
     meta = dataset.meta
-    print(f"dataset {dataset.folder}: tokenizer {meta['tokenizer']['name']}, vocab_size {meta['vocab_size']}")
-    for split, info in meta["splits"].items():
-        print(f"  {split}: {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
-        for shard in info["shards"]:
-            print(f"    {shard['file']}  {shard['tokens']:,} tokens")
+    print(f"dataset {dataset.folder}: tokenizer {meta.tokenizer.name}, vocab_size {meta.vocab_size}")
+    for split, info in meta.splits.items():
+        size = f", {info.bytes:,} bytes of text" if info.bytes is not None else ""
+        print(f"  {split}: {info.tokens:,} tokens{size} in {len(info.shards)} shard(s)")
+        for shard in info.shards:
+            print(f"    {shard.file}  {shard.tokens:,} tokens")
 
 
 @app.command(epilog="Config keys:\n\n" + config_help().replace("\n", "\n\n"))
@@ -135,7 +136,7 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
 
 @app.command()
 def sample(
-    checkpoint: str = typer.Argument(..., help="Run folder (its newest checkpoint) or a ckpt_* folder."),
+    checkpoint: str = typer.Argument(..., help="Run folder (its latest checkpoint) or a ckpt_* folder."),
     prompt: Optional[str] = typer.Option(None, help="Text to continue ('-' reads stdin)."),
     prompt_file: Optional[str] = typer.Option(None, help="Read the prompt from a file ('-' for stdin)."),
     few_shot: Optional[str] = typer.Option(None, help="File of examples placed before the prompt."),
@@ -146,27 +147,25 @@ def sample(
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1]."),
     num_samples: Optional[int] = typer.Option(None, help="Samples decoded together."),
     stop: List[str] = typer.Option([], help="Stop before this string (repeatable)."),
-    ignore_eot: bool = typer.Option(False, help="Keep going past the end-of-text token."),
+    ignore_eot: Optional[bool] = typer.Option(None, "--ignore-eot", help="Keep going past the end-of-text token."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible samples."),
     stream: Optional[bool] = typer.Option(None, help="Print tokens as they come (default: on a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
-    interactive: bool = typer.Option(False, help="Chat: frame turns as System/User/Assistant text."),
+    interactive: bool = typer.Option(False, help="Chat: frame turns as System/User/Assistant text (= gpt chat)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     no_cache: bool = typer.Option(False, help="Recompute the whole context each step (slow; for checks)."),
 ) -> None:
-    """Generate text from a trained checkpoint."""
-    from gpt.sample import GenerationSettings, few_shot_prompt
+    """Generate text from a trained checkpoint (settings default to the run's sample section)."""
+    from gpt.sample import few_shot_prompt
 
     model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
-    cfg = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
-                           stop=list(stop) if stop else None)
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_k=cfg.top_k, top_p=cfg.top_p, num_samples=cfg.num_samples,
-                                  stop=cfg.stop, ignore_eot=ignore_eot, seed=cfg.seed, use_cache=not no_cache)
+    settings = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
+                                stop=list(stop) if stop else None, ignore_eot=ignore_eot,
+                                kv_cache=False if no_cache else None)
     examples = _read_prompt(None, few_shot) if few_shot else None
     if interactive:
-        _chat_loop(model, tokenizer, settings, system, examples)
+        _chat(model, tokenizer, settings, system, examples)
         return
     text = _read_prompt(prompt, prompt_file)
     if examples is not None:
@@ -178,22 +177,19 @@ def sample(
 def chat(
     checkpoint: str = typer.Argument(..., help="Run folder or ckpt_* folder."),
     system: Optional[str] = typer.Option(None, help="A System: line that opens the transcript."),
-    max_new_tokens: int = typer.Option(200, help="Longest reply in tokens."),
-    temperature: float = typer.Option(0.8, help="0 = greedy; higher = more random."),
-    top_k: Optional[int] = typer.Option(200, help="Sample among the k most likely tokens."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold in (0, 1]."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest reply in tokens."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy; higher = more random."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1]."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible replies."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ) -> None:
-    """Talk to a base model through a plain-text transcript (prompt framing, not instruction tuning)."""
-    from gpt.sample import GenerationSettings
-
-    model, tokenizer, _ = _load_for_sampling(checkpoint, device)
-    cfg = build_config({"sample": dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed)}).sample
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
-    _chat_loop(model, tokenizer, settings, system, None)
+    """Talk to a base model through a plain-text transcript (prompt framing, not instruction
+    tuning); the same as `gpt sample --interactive`."""
+    model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
+    settings = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+    _chat(model, tokenizer, settings, system, None)
 
 
 def _load_for_sampling(path: str, device_name: str):
@@ -205,7 +201,7 @@ def _load_for_sampling(path: str, device_name: str):
     return model, ckpt.tokenizer, ckpt
 
 
-def _print_samples(model, tokenizer, text: str, settings, as_json: bool, stream: Optional[bool]) -> None:
+def _print_samples(model, tokenizer, text: str, settings: SampleConfig, as_json: bool, stream: Optional[bool]) -> None:
     from gpt.sample import generate
 
     stream = (sys.stdout.isatty() if stream is None else stream) and not as_json and settings.num_samples == 1
@@ -222,35 +218,22 @@ def _print_samples(model, tokenizer, text: str, settings, as_json: bool, stream:
             print(("\n---------------\n" if i else "") + text + result.text)
 
 
-def _chat_loop(model, tokenizer, settings, system: Optional[str], examples: Optional[str]) -> None:
-    from gpt.sample import CHAT_STOP, chat_prompt, few_shot_prompt, generate
+def _chat(model, tokenizer, settings: SampleConfig, system: Optional[str], examples: Optional[str]) -> None:
+    from gpt.sample import chat
 
-    settings.stop = [*settings.stop, CHAT_STOP]
-    settings.num_samples = 1
-    history: list[tuple[str, str]] = []
     tty = sys.stdin.isatty()
     if tty:
         print("Chatting with a base model through a plain-text transcript. Ctrl-D to quit.", file=sys.stderr)
+    for reply in chat(model, tokenizer, settings, _user_turns(tty), system, examples):
+        print(f"Assistant: {reply}", flush=True)
+
+
+def _user_turns(tty: bool) -> Iterator[str]:
     while True:
         try:
-            user = input("User: " if tty else "")
+            yield input("User: " if tty else "")
         except EOFError:
-            break
-        if not user.strip():
-            continue
-        prompt = chat_prompt(system, history, user)
-        if examples is not None:
-            prompt = few_shot_prompt(examples, prompt)
-        prompt = _crop_to_context(prompt, tokenizer, model.config.block_size - settings.max_new_tokens)
-        reply = generate(model, tokenizer, prompt, settings)[0].text.strip()
-        print(f"Assistant: {reply}", flush=True)
-        history.append((user, reply))
-
-
-def _crop_to_context(prompt: str, tokenizer, budget: int) -> str:
-    """Keep the end of a long transcript so the reply still fits in the context window."""
-    ids = tokenizer.encode(prompt)
-    return tokenizer.decode(ids[-budget:]) if budget > 0 and len(ids) > budget else prompt
+            return
 
 
 @app.command()
@@ -262,15 +245,16 @@ def info(path: str = typer.Argument(..., help="A dataset folder (meta.json) or a
 
         _print_dataset(load_dataset(folder))
         return
-    from gpt.checkpoint import complete_checkpoints, read_checkpoint
+    from gpt.checkpoint import read_checkpoint
+    from gpt.formats import RunFolder
 
     ckpt = read_checkpoint(folder)
     model = ckpt.config.model
     print(f"checkpoint {ckpt.path}: iter {ckpt.state.get('iter')}, tokens {ckpt.state.get('tokens', 0):,}")
     print(f"  model: {model.n_layer} layers, {model.n_head} heads, {model.n_embd} wide, context "
           f"{model.block_size}, vocab {model.vocab_size}, {model.pos_encoding} positions")
-    print(f"  tokenizer: {ckpt.tokenizer_info.get('name')}; losses: {ckpt.state.get('losses')}")
-    for other in complete_checkpoints(folder):
+    print(f"  tokenizer: {ckpt.tokenizer_spec.name}; losses: {ckpt.state.get('losses')}")
+    for other in RunFolder(folder).checkpoints():
         print(f"  {other.name}")
 
 

@@ -154,6 +154,8 @@ class SampleConfig:
     num_samples: int = option(1, "samples decoded together as one batch")
     stop: list[str] = option([], "strings that end a sample (cut before the string)")
     seed: Optional[int] = option(None, "seed for reproducible samples; null is random")
+    ignore_eot: bool = option(False, "keep generating past the end-of-text token")
+    kv_cache: bool = option(True, "reuse past keys and values; false recomputes the whole context each step")
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")

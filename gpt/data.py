@@ -26,8 +26,10 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from gpt.durable import fsync_path
 from gpt.errors import GptError
-from gpt.shards import META_FORMAT, TOKEN_DTYPE, ShardWriter, fsync_path
+from gpt.formats import TOKEN_DTYPE, DatasetMeta, SplitInfo
+from gpt.shards import ShardWriter
 from gpt.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
 
 CHUNK_BYTES = 1 << 20
@@ -50,7 +52,6 @@ class Source:
     files: list[Path]
     jsonl: bool = False
     sha256: str = ""
-    bytes: int = 0
 
 
 @dataclass
@@ -223,8 +224,9 @@ def _spool_stdin(folder: Path) -> Path:
     return path
 
 
-class Tokenize:
-    """Encodes text pieces in batches (parallel for GPT-2) and writes them to a split."""
+class SplitEncoder:
+    """Encodes text pieces in batches (parallel for GPT-2) and writes them to a split's shards,
+    counting per split the text tokens (separators excluded) and the text's UTF-8 bytes."""
 
     def __init__(self, tokenizer: Tokenizer, workers: int, progress: tqdm | None):
         self.tokenizer, self.workers, self.progress = tokenizer, workers, progress
@@ -233,7 +235,8 @@ class Tokenize:
         self.writer: ShardWriter | None = None
         self.started = time.time()
         self.tokens = 0
-        self.content = {"train": 0, "val": 0}  # text tokens per split, separators excluded
+        self.content = {"train": 0, "val": 0}
+        self.text_bytes = {"train": 0, "val": 0}
 
     def document(self, writer: ShardWriter, pieces: Iterator[str]) -> None:
         if self.writer is not writer:
@@ -256,6 +259,7 @@ class Tokenize:
             self._emit(ids)
             if piece is not None:
                 self.content[self.writer.split] += len(ids)
+                self.text_bytes[self.writer.split] += len(piece.encode("utf-8", errors="surrogateescape"))
         self.batch, self.batch_chars = [], 0
 
     def _emit(self, ids: np.ndarray) -> None:
@@ -293,19 +297,19 @@ def _total_bytes(sources: list[Source]) -> int | None:
     return sum(p.stat().st_size for s in sources for p in s.files)
 
 
-def _write_splits(opts: PrepareOptions, reader: Reader, tokenize: Tokenize, train_sources: list[Source],
+def _write_splits(opts: PrepareOptions, reader: Reader, encoder: SplitEncoder, train_sources: list[Source],
                   val_sources: list[Source], writers: dict[str, ShardWriter]) -> None:
     if val_sources:
         for split, sources in (("train", train_sources), ("val", val_sources)):
             for source in sources:
                 for document in reader.documents(source):
-                    tokenize.document(writers[split], document)
+                    encoder.document(writers[split], document)
         return
     single_text = len(train_sources) == 1 and len(train_sources[0].files) == 1 and not train_sources[0].jsonl
     if single_text and opts.val_fraction > 0:
         head, tail = reader.text_halves(train_sources[0], opts.val_fraction)
-        tokenize.document(writers["train"], head)
-        tokenize.document(writers["val"], tail)
+        encoder.document(writers["train"], head)
+        encoder.document(writers["val"], tail)
         return
     # Several documents: every document whose index crosses the next multiple of 1/fraction
     # goes to val (the first one included), so val holds about `fraction` of them.
@@ -313,7 +317,7 @@ def _write_splits(opts: PrepareOptions, reader: Reader, tokenize: Tokenize, trai
     for source in train_sources:
         for document in reader.documents(source):
             to_val = math.ceil((index + 1) * opts.val_fraction) > math.ceil(index * opts.val_fraction)
-            tokenize.document(writers["val" if to_val else "train"], document)
+            encoder.document(writers["val" if to_val else "train"], document)
             index += 1
 
 
@@ -367,30 +371,23 @@ def _prepare_into(opts: PrepareOptions, specs: list[str], tokenizer_name: str, o
     writers = {split: ShardWriter(work, prefix, split, opts.shard_size) for split in ("train", "val")}
     with _make_progress(_total_bytes(all_sources)) as progress:
         reader = Reader(errors, opts.jsonl_field, progress)
-        tokenize = Tokenize(tokenizer, max(1, opts.workers), progress)
-        _write_splits(opts, reader, tokenize, train_sources, val_sources, writers)
-        tokenize.flush()
-    splits = {split: {"tokens": w.total, "shards": w.close()} for split, w in writers.items()}
-    if not any(tokenize.content.values()):
+        encoder = SplitEncoder(tokenizer, max(1, opts.workers), progress)
+        _write_splits(opts, reader, encoder, train_sources, val_sources, writers)
+        encoder.flush()
+    splits = {split: SplitInfo(tokens=w.total, shards=w.close(), bytes=encoder.text_bytes[split])
+              for split, w in writers.items()}
+    if not any(encoder.content.values()):
         raise GptError("the corpus is empty; give sources that contain text")
-    if not tokenize.content["train"]:
+    if not encoder.content["train"]:
         raise GptError("the train split is empty; lower --val-fraction or add documents")
-    if not tokenize.content["val"]:
-        for shard in splits.pop("val")["shards"]:
-            (work / shard["file"]).unlink()
-    meta = {
-        "format_version": META_FORMAT,
-        "tokenizer": tokenizer.to_json(),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot,
-        "dtype": "uint16",
-        "splits": splits,
-        "sources": [{"spec": s.spec, "files": len(s.files), "sha256": s.sha256,
-                     "bytes": sum(p.stat().st_size for p in s.files)} for s in all_sources],
-        "created_by": opts.command,
-    }
+    if not encoder.content["val"]:
+        for shard in splits.pop("val").shards:
+            (work / shard.file).unlink()
+    sources = [{"spec": s.spec, "files": len(s.files), "sha256": s.sha256,
+                "bytes": sum(p.stat().st_size for p in s.files)} for s in all_sources]
     (work / "stdin.txt").unlink(missing_ok=True)
-    (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    DatasetMeta(tokenizer=tokenizer.spec, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot, splits=splits,
+                sources=sources, created_by=opts.command).write(work)
 
 
 def _replace_folder(new: Path, target: Path) -> None:

@@ -49,12 +49,22 @@ def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.M
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def mean_across_ranks(value: float, info: Dist, device: torch.device) -> float:
+def mean_across_ranks(value: torch.Tensor, info: Dist) -> float:
+    """The mean of a scalar tensor over all ranks, read to the host."""
     if not info.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / info.world_size
+        return value.item()
+    total = value.detach().double().clone()
+    dist.all_reduce(total)
+    return total.item() / info.world_size
+
+
+def any_rank(flag: bool, info: Dist, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not info.enabled:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def gather_objects(obj: Any, info: Dist) -> list[Any]:

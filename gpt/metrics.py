@@ -1,4 +1,5 @@
-"""Training metrics: metrics.csv (exact floats, safe across resumes), loss.png, TensorBoard."""
+"""Training metrics: metrics.csv (exact floats, safe across resumes), loss.png, TensorBoard,
+and the progress shown on the terminal."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from gpt.formats import RunFolder
+
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
            "eval_train_loss", "val_loss"]
 
@@ -16,15 +21,15 @@ class MetricsLog:
     """Appends rows to out_dir/metrics.csv. Floats are written with repr(), which round-trips
     exactly, so losses of two runs can be compared with ==."""
 
-    def __init__(self, out_dir: Path, resume_iter: int | None, tensorboard: bool):
-        self.path = out_dir / "metrics.csv"
-        self.plot_path = out_dir / "loss.png"
+    def __init__(self, run: RunFolder, resume_iter: int | None, tensorboard: bool):
+        self.path = run.metrics
+        self.plot_path = run.plot
         if resume_iter is None or not self.path.exists():
             self._rewrite([])
         else:
             # Rows logged after the checkpoint we resume from will be produced again: drop them.
             self._rewrite([r for r in read_metrics(self.path) if int(r["iter"]) <= resume_iter])
-        self.tb = _tensorboard_writer(out_dir) if tensorboard else None
+        self.tb = _tensorboard_writer(run.tensorboard) if tensorboard else None
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
@@ -59,24 +64,24 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _tensorboard_writer(out_dir: Path):
+def _tensorboard_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print("warning: train.tensorboard is on but tensorboard is not installed "
               "(pip install tensorboard); logging to metrics.csv only", file=sys.stderr)
         return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(folder))
 
 
-def plot_losses(csv_path: Path, png_path: Path) -> bool:
-    """Draw train and val loss against iterations; False when matplotlib is not installed."""
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    """Draw train and val loss against iterations (nothing when matplotlib is not installed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return
     rows = read_metrics(csv_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for column, label in (("loss", "train (step)"), ("eval_train_loss", "train (eval)"), ("val_loss", "val")):
@@ -93,4 +98,47 @@ def plot_losses(csv_path: Path, png_path: Path) -> bool:
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     os.replace(tmp, png_path)
-    return True
+
+
+class Progress:
+    """A tqdm bar on a terminal; compact log lines otherwise (CI, files, pipes)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.total = enabled, total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True) if self.tty else None
+        self.last_ms: float | None = None
+
+    def report(self, it: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"loss {row['loss']:.4f}" if row.get("loss") is not None else None,
+                 f"val {row['val_loss']:.4f}" if row.get("val_loss") is not None else None,
+                 f"lr {row['lr']:.2e}" if row.get("lr") is not None else None,
+                 f"{row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else None,
+                 f"{row['ms_per_iter']:.1f} ms/iter" if row.get("ms_per_iter") else None,
+                 f"mfu {100 * row['mfu']:.1f}%" if row.get("mfu") else None]
+        if row.get("ms_per_iter"):
+            self.last_ms = row["ms_per_iter"]
+        if self.last_ms:
+            parts.append(f"eta {_duration((self.total - it) * self.last_ms / 1000)}")
+        text = " | ".join(p for p in parts if p)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            print(f"iter {it}/{self.total} | {text}", flush=True)
+
+    def advance(self, it: int) -> None:
+        if self.bar is not None:
+            self.bar.n = it
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

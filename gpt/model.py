@@ -60,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
-        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+        self.attn_dropout_p = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual_projection = True
@@ -82,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         if past and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -189,7 +189,9 @@ class GPT(nn.Module):
             rope = rope_angles(positions, self.config.n_embd // self.config.n_head)
         return self.drop(x), rope
 
-    def _trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The final normalised hidden state (B, T, n_embd) of each position: what the
+        unembedding (or a task head) reads."""
         x, rope = self._embed(idx, cache.pos if cache is not None else 0)
         for block in self.blocks:
             x = block(x, rope, cache)
@@ -201,7 +203,7 @@ class GPT(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (B, T), the mean
         cross-entropy of predicting each next token."""
-        logits = self.lm_head(self._trunk(idx, None))
+        logits = self.lm_head(self.hidden_states(idx, None))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -211,5 +213,5 @@ class GPT(nn.Module):
         """Run new tokens idx (B, T) after those already in `cache` (or alone, without one);
         return the logits (B, vocab) for the token that follows. Only the last position is
         unembedded, which matters with a 50k vocabulary."""
-        x = self._trunk(idx, cache)
+        x = self.hidden_states(idx, cache)
         return self.lm_head(x[:, -1, :])

@@ -7,15 +7,17 @@ instructions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
+from gpt.config import SampleConfig
 from gpt.model import GPT, KVCache
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import TextDecoder, Tokenizer
 
 CHAT_STOP = "\nUser:"
 
@@ -85,19 +87,6 @@ class Sample:
                 "stop_reason": self.stop_reason, "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float = 1.0
-    num_samples: int = 1
-    stop: list[str] = field(default_factory=list)
-    ignore_eot: bool = False
-    seed: int | None = None
-    use_cache: bool = True
-
-
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Token ids of the prompt; an empty prompt starts from end-of-text (or a newline)."""
     if prompt:
@@ -107,7 +96,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "vocab", "\n") else [0]
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerationSettings,
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConfig,
              on_text: Callable[[str], None] | None = None) -> list[Sample]:
     """Sample `settings.num_samples` continuations of `prompt` as one batch.
 
@@ -123,55 +112,80 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: Generation
     else:
         generator.seed()
     samples = [Sample(prompt=prompt) for _ in range(settings.num_samples)]
+    growing = [_GrowingText(sample, tokenizer, settings) for sample in samples]
     stream = _Streamer(on_text, settings.stop) if on_text else None
     pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
                              top_p=settings.top_p, generator=generator)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.use_cache):
-        for sample, token in zip(samples, tokens.tolist()):
-            if not sample.done:
-                _append(sample, token, tokenizer, settings)
+    for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.kv_cache):
+        for text, token in zip(growing, tokens.tolist()):
+            text.add(token)
         if stream:
-            stream.update(samples[0].text, final=samples[0].done)
+            stream.update(samples[0].text)
         if all(s.done for s in samples):
             break
     elapsed = max(time.perf_counter() - start, 1e-9)
     model.train(was_training)
-    for sample in samples:
-        sample.tokens_per_s = len(sample.tokens) / elapsed
+    for text in growing:
+        text.finish()
+        text.sample.tokens_per_s = len(text.sample.tokens) / elapsed
     if stream:
-        stream.update(samples[0].text, final=True)
+        stream.finish(samples[0].text)
     return samples
 
 
-def _append(sample: Sample, token: int, tokenizer: Tokenizer, settings: GenerationSettings) -> None:
-    if token == tokenizer.eot and not settings.ignore_eot:
-        sample.done, sample.stop_reason = True, "eot"
-        return
-    sample.tokens.append(token)
-    sample.text = tokenizer.decode(sample.tokens)
-    hits = [sample.text.find(s) for s in settings.stop if s in sample.text]
-    if hits:
-        sample.text = sample.text[:min(hits)]
-        sample.done, sample.stop_reason = True, "stop"
+class _GrowingText:
+    """Appends tokens to one sample: decodes only the new token, looks for stop strings only
+    where the new text could complete one, and marks the sample done when it ends."""
+
+    def __init__(self, sample: Sample, tokenizer: Tokenizer, settings: SampleConfig):
+        self.sample, self.tokenizer, self.settings = sample, tokenizer, settings
+        self.decoder = TextDecoder(tokenizer)
+        self.longest_stop = max((len(s) for s in settings.stop), default=0)
+
+    def add(self, token: int) -> None:
+        sample = self.sample
+        if sample.done:
+            return
+        if token == self.tokenizer.eot and not self.settings.ignore_eot:
+            sample.done, sample.stop_reason = True, "eot"
+            return
+        sample.tokens.append(token)
+        self._extend(self.decoder.add(token))
+
+    def finish(self) -> None:
+        if not self.sample.done:
+            self._extend(self.decoder.finish())
+
+    def _extend(self, piece: str) -> None:
+        if not piece:
+            return
+        sample = self.sample
+        search_from = max(0, len(sample.text) - self.longest_stop + 1)
+        sample.text += piece
+        hits = [i for i in (sample.text.find(s, search_from) for s in self.settings.stop) if i >= 0]
+        if hits:
+            sample.text = sample.text[:min(hits)]
+            sample.done, sample.stop_reason = True, "stop"
 
 
 class _Streamer:
-    """Prints the growing text of one sample, never a part that a stop string may remove and
-    never half of a multi-byte character (shown as U+FFFD until its other bytes arrive)."""
+    """Prints the growing text of one sample, never a part that a stop string may remove."""
 
     def __init__(self, on_text: Callable[[str], None], stops: list[str]):
         self.on_text = on_text
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.shown = 0
 
-    def update(self, text: str, final: bool) -> None:
-        end = len(text) if final else max(self.shown, len(text) - self.hold)
-        if not final:
-            while end > self.shown and text[end - 1] == "\ufffd":
-                end -= 1
+    def update(self, text: str) -> None:
+        self._show(text, max(self.shown, len(text) - self.hold))
+
+    def finish(self, text: str) -> None:
+        self._show(text, len(text))
+
+    def _show(self, text: str, end: int) -> None:
         if end > self.shown:
             self.on_text(text[self.shown:end])
             self.shown = end
@@ -189,3 +203,27 @@ def chat_prompt(system: str | None, history: list[tuple[str, str]], user: str) -
         lines += [f"User: {said}", f"Assistant: {answered}"]
     lines += [f"User: {user}", "Assistant:"]
     return "\n".join(lines)
+
+
+def crop_to_context(prompt: str, tokenizer: Tokenizer, budget: int) -> str:
+    """Keep the end of a long prompt so that `budget` tokens of it fit in the context window."""
+    ids = tokenizer.encode(prompt)
+    return tokenizer.decode(ids[-budget:]) if budget > 0 and len(ids) > budget else prompt
+
+
+def chat(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, turns: Iterable[str],
+         system: str | None = None, examples: str | None = None) -> Iterator[str]:
+    """Reply to each user turn in `turns` (blank ones are skipped) through a transcript that
+    keeps the whole conversation, cropped from the start when it outgrows the context."""
+    settings = dataclasses.replace(settings, stop=[*settings.stop, CHAT_STOP], num_samples=1)
+    history: list[tuple[str, str]] = []
+    for user in turns:
+        if not user.strip():
+            continue
+        prompt = chat_prompt(system, history, user)
+        if examples is not None:
+            prompt = few_shot_prompt(examples, prompt)
+        prompt = crop_to_context(prompt, tokenizer, model.config.block_size - settings.max_new_tokens)
+        reply = generate(model, tokenizer, prompt, settings)[0].text.strip()
+        history.append((user, reply))
+        yield reply

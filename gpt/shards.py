@@ -1,12 +1,11 @@
-"""Token shards on disk (llm.c's format), their reader, and the training batch sampler.
+"""Token shards on disk, their reader, and the training batch sampler and loader.
 
-A shard is a header of 256 little-endian int32 (magic, version, token count, zeros) followed
-by the tokens as little-endian uint16. `meta.json` beside the shards lists them per split.
+The shard format and meta.json are defined in `gpt.formats`; this module writes shards,
+memory-maps them, and draws training batches from them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +15,8 @@ import numpy as np
 import torch
 
 from gpt.errors import GptError
-from gpt.tokenizer import Tokenizer, tokenizer_from_json
-
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")
-META_FORMAT = 1
-SPLITS = ("train", "val")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or folder's metadata to disk so that a rename is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from gpt.formats import HEADER_BYTES, TOKEN_DTYPE, DatasetMeta, ShardInfo, read_shard_header, shard_header
+from gpt.tokenizer import Tokenizer
 
 
 class ShardWriter:
@@ -41,7 +24,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, prefix: str, split: str, shard_tokens: int):
         self.folder, self.prefix, self.split, self.shard_tokens = folder, prefix, split, shard_tokens
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[ShardInfo] = []
         self._file = None
         self._count = 0
 
@@ -57,53 +40,35 @@ class ShardWriter:
             if self._count == self.shard_tokens:
                 self._close()
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[ShardInfo]:
         if self._file is not None:
             self._close()
         return self.shards
 
     @property
     def total(self) -> int:
-        return sum(s["tokens"] for s in self.shards) + self._count
+        return sum(s.tokens for s in self.shards) + self._count
 
     def _open(self) -> None:
         name = f"{self.prefix}_{self.split}_{len(self.shards):06d}.bin"
         self._file = open(self.folder / name, "wb")
         self._file.write(b"\0" * HEADER_BYTES)  # patched with the count on close
         self._count = 0
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append(ShardInfo(file=name, tokens=0))
 
     def _close(self) -> None:
         self._file.seek(0)
-        self._file.write(make_header(self._count).tobytes())
+        self._file.write(shard_header(self._count))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        self.shards[-1]["tokens"] = self._count
-
-
-def make_header(num_tokens: int) -> np.ndarray:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, num_tokens)
-    return header
+        self.shards[-1].tokens = self._count
 
 
 def read_shard(path: Path, vocab_size: int, expected_tokens: int | None = None) -> np.ndarray:
     """Memory-map a shard's tokens after checking its header, size and token range."""
-    size = path.stat().st_size if path.is_file() else -1
-    if size < HEADER_BYTES:
-        raise GptError(f"{path}: missing or shorter than a shard header; run `gpt prepare` again")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise GptError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC}); run `gpt prepare` again")
-    if header[1] != VERSION:
-        raise GptError(f"{path}: shard version {header[1]} is not supported (expected {VERSION}); "
-                       "run `gpt prepare` again")
-    count = int(header[2])
-    if size != HEADER_BYTES + count * TOKEN_DTYPE.itemsize:
-        raise GptError(f"{path}: header says {count} tokens but the file holds "
-                       f"{(size - HEADER_BYTES) / TOKEN_DTYPE.itemsize:g}; the shard is truncated or corrupt")
+    count = read_shard_header(path)
     if expected_tokens is not None and count != expected_tokens:
         raise GptError(f"{path}: holds {count} tokens but meta.json says {expected_tokens}; "
                        "the dataset was modified, run `gpt prepare --overwrite`")
@@ -118,51 +83,30 @@ class Dataset:
     """A prepared data folder: its meta.json, tokenizer and memory-mapped splits."""
 
     folder: Path
-    meta: dict[str, Any]
+    meta: DatasetMeta
     tokenizer: Tokenizer
     splits: dict[str, list[np.ndarray]]
 
     @property
     def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
+        return self.meta.vocab_size
 
     def num_tokens(self, split: str) -> int:
         return sum(len(shard) for shard in self.splits.get(split, []))
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    path = folder / "meta.json"
-    if not folder.is_dir():
-        raise GptError(f"data folder not found: {folder}; run `gpt prepare` first or fix data.dir")
-    if not path.is_file():
-        raise GptError(f"{folder} has no meta.json; it is not a dataset made by `gpt prepare`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GptError(f"{path} is not valid JSON; run `gpt prepare --overwrite` to rebuild it") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT:
-        raise GptError(f"{path}: unsupported meta.json format; run `gpt prepare --overwrite` to rebuild it")
-    return meta
-
-
 def load_dataset(folder: str | Path) -> Dataset:
     """Open a dataset, checking meta.json against the tokenizer and every shard."""
     folder = Path(folder)
-    meta = read_meta(folder)
-    try:
-        tokenizer = tokenizer_from_json(meta["tokenizer"])
-        vocab_size = int(meta["vocab_size"])
-        split_infos = {name: meta["splits"][name] for name in meta["splits"]}
-    except (KeyError, TypeError, ValueError):
-        raise GptError(f"{folder}/meta.json is missing fields; run `gpt prepare --overwrite`") from None
-    if tokenizer.vocab_size != vocab_size:
-        raise GptError(f"{folder}/meta.json: vocab_size {vocab_size} does not match its "
+    meta = DatasetMeta.read(folder)
+    tokenizer = meta.tokenizer.build()
+    if tokenizer.vocab_size != meta.vocab_size:
+        raise GptError(f"{folder}/meta.json: vocab_size {meta.vocab_size} does not match its "
                        f"{tokenizer.name} tokenizer ({tokenizer.vocab_size})")
     splits = {}
-    for name, info in split_infos.items():
-        shards = [read_shard(folder / s["file"], vocab_size, s["tokens"]) for s in info["shards"]]
-        if sum(len(s) for s in shards) != info["tokens"]:
+    for name, info in meta.splits.items():
+        shards = [read_shard(folder / s.file, meta.vocab_size, s.tokens) for s in info.shards]
+        if sum(len(s) for s in shards) != info.tokens:
             raise GptError(f"{folder}/meta.json: token count of split {name!r} does not match its shards")
         splits[name] = shards
     return Dataset(folder=folder, meta=meta, tokenizer=tokenizer, splits=splits)
@@ -172,8 +116,8 @@ class BatchSampler:
     """Random contiguous windows of block_size + 1 tokens from one split's shards.
 
     Only the windows are read from the memory-mapped shards, never a whole split. The numpy
-    generator is the sampler's only state, so saving `state()` and restoring it with
-    `load_state()` reproduces the data order exactly."""
+    generator is the sampler's only state, so `state_dict()` and `load_state_dict()` reproduce
+    the data order exactly."""
 
     def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int | list[int]):
         self.block_size, self.batch_size = block_size, batch_size
@@ -197,8 +141,42 @@ class BatchSampler:
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return self.rng.bit_generator.state
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state
+
+
+class DeviceBatches:
+    """The training step's micro-batches, drawn and moved to the device one step ahead: on
+    CUDA through pinned memory with non-blocking copies, so the host prepares the next step
+    while the GPU runs this one. Its state is the sampler's state before the batches it holds,
+    so a checkpoint resumes at exactly the next step's data."""
+
+    def __init__(self, sampler: BatchSampler, micro_batches: int, device: torch.device):
+        self.sampler, self.micro_batches, self.device = sampler, micro_batches, device
+        self.pin = device.type == "cuda"
+        self.ahead: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.state_before_ahead = sampler.state_dict()
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.ahead if self.ahead is not None else self._draw()
+        self.state_before_ahead = self.sampler.state_dict()
+        self.ahead = self._draw()
+        return batches
+
+    def _draw(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [tuple(self._move(t) for t in self.sampler.next_batch()) for _ in range(self.micro_batches)]
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state_before_ahead
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self.state_before_ahead, self.ahead = self.sampler.state_dict(), None

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,30 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT_TEXT = "<|endoftext|>"
 NAMES = ("gpt2", "char", "byte")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What identifies a tokenizer on disk (meta.json, a checkpoint's tokenizer.json): its name
+    and, for char, its vocabulary. Two specs are equal exactly when they encode alike."""
+
+    name: str
+    vocab: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name} if self.vocab is None else {"name": self.name, "vocab": self.vocab}
+
+    @classmethod
+    def from_json(cls, info: Any, where: str) -> TokenizerSpec:
+        """Read a spec, or raise GptError naming `where` it came from."""
+        name = info.get("name") if isinstance(info, dict) else None
+        vocab = info.get("vocab") if isinstance(info, dict) else None
+        if name not in NAMES or not (vocab is None or isinstance(vocab, str)):
+            raise GptError(f"{where}: unknown or malformed tokenizer {info!r}; expected one of {', '.join(NAMES)}")
+        return cls(name, vocab)
+
+    def build(self) -> Tokenizer:
+        return make_tokenizer(self.name, self.vocab)
 
 
 class Tokenizer:
@@ -46,9 +72,27 @@ class Tokenizer:
         """The raw bytes of `ids`; a token may end in the middle of a UTF-8 character."""
         raise NotImplementedError
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def spec(self) -> TokenizerSpec:
         """What meta.json and checkpoints store to rebuild this tokenizer."""
-        return {"name": self.name}
+        return TokenizerSpec(self.name)
+
+
+class TextDecoder:
+    """Token ids to text one token at a time. The bytes of a character split across tokens are
+    held back until it is complete, so a growing sample is never decoded again from the start."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        """The text that `token` completes (possibly empty)."""
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
+
+    def finish(self) -> str:
+        """Whatever is still held back, with an incomplete character shown as U+FFFD."""
+        return self.utf8.decode(b"", final=True)
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -114,8 +158,9 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "vocab": self.vocab}
+    @property
+    def spec(self) -> TokenizerSpec:
+        return TokenizerSpec(self.name, self.vocab)
 
 
 class ByteTokenizer(Tokenizer):
@@ -144,7 +189,3 @@ def make_tokenizer(name: str, vocab: str | None = None) -> Tokenizer:
             raise GptError("the char tokenizer needs its vocabulary (from meta.json or tokenizer.json)")
         return CharTokenizer(vocab)
     raise GptError(f"unknown tokenizer {name!r}; choose one of {', '.join(NAMES)}")
-
-
-def tokenizer_from_json(info: dict[str, Any]) -> Tokenizer:
-    return make_tokenizer(info.get("name", ""), info.get("vocab"))

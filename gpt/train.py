@@ -16,15 +16,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
-from tqdm import tqdm
 
 from gpt import distributed
 from gpt.checkpoint import (
     Checkpoint,
-    complete_checkpoints,
     load_training_state,
     load_weights,
     read_checkpoint,
@@ -34,11 +32,11 @@ from gpt.checkpoint import (
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.errors import GptError
-from gpt.metrics import MetricsLog
+from gpt.formats import RunFolder
+from gpt.metrics import MetricsLog, Progress
 from gpt.model import GPT
-from gpt.shards import BatchSampler, Dataset, load_dataset
+from gpt.shards import BatchSampler, Dataset, DeviceBatches, load_dataset
 
-RUN_FILES = ("latest", "best", "metrics.csv", "loss.png", "tensorboard")
 # Model fields that may change between a checkpoint and the run that continues it.
 NON_SHAPE_FIELDS = {"dropout", "attn_dropout", "preset"}
 
@@ -72,10 +70,11 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[floa
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         autocast: Callable, scaler: torch.amp.GradScaler | None = None) -> float:
+                         autocast: Callable, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over micro-batches, gradients summed as if they were one batch.
-    Returns the mean loss. Under DDP only the last micro-batch synchronises gradients."""
-    total = 0.0
+    Returns the mean loss as a device tensor: reading it would wait for the device, so the
+    loop does that only when it logs. Under DDP only the last micro-batch synchronises gradients."""
+    losses = []
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
@@ -84,13 +83,13 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tenso
                 _, loss = model(x, y)
             loss = loss / len(batches)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.item()
-    return total
+        losses.append(loss.detach())
+    return torch.stack(losses).sum()
 
 
 def optimizer_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   grad_clip: float) -> float:
-    """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+                   grad_clip: float) -> torch.Tensor:
+    """Clip, step and zero the gradients; returns the gradient norm before clipping (a device tensor)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
@@ -100,7 +99,7 @@ def optimizer_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.a
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 @torch.no_grad()
@@ -112,12 +111,12 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, block_size: int, batch_si
     losses = {}
     for split, shards in dataset.splits.items():
         sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1])
-        total = 0.0
+        total = torch.zeros((), device=device)
         for _ in range(eval_iters):
             x, y = sampler.next_batch()
             with autocast():
-                total += model(x.to(device), y.to(device))[1].item()
-        losses[split] = total / eval_iters
+                total += model(x.to(device), y.to(device))[1].float()
+        losses[split] = total.item() / eval_iters
     model.train()
     return losses
 
@@ -155,6 +154,50 @@ class StopRequest:
         return self.EXIT_CODES[self.signum] if self.signum is not None else 0
 
 
+# ----------------------------------------------------------------------------- resumable state
+
+class Resumable(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """How far a run has got: what state.json records beside the weights."""
+
+    iter: int = 0
+    tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
+    best_val_loss: float = math.inf
+    losses: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "losses": dict(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
+        best = state.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        self.losses = dict(state.get("losses") or {})
+
+
+class RNGState:
+    """torch's CPU generator and, on CUDA, this process's device generator (per rank, since
+    each rank seeds its own dropout)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
 # ----------------------------------------------------------------------------- run set-up
 
 def resolve_vocab(config: Config, dataset: Dataset) -> Config:
@@ -188,23 +231,22 @@ def config_diff(old: Config, new: Config) -> list[str]:
             if before[section][key] != value]
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    has_run = bool(complete_checkpoints(out_dir)) or any((out_dir / f).exists() for f in RUN_FILES)
-    if has_run and not resume and not overwrite:
-        raise GptError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
-    if has_run and overwrite and not resume:
-        for path in complete_checkpoints(out_dir) + [out_dir / f for f in RUN_FILES]:
+def prepare_out_dir(run: RunFolder, resume: bool, overwrite: bool) -> None:
+    if run.holds_run() and not resume and not overwrite:
+        raise GptError(f"{run.root} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if overwrite and not resume:
+        for path in run.run_files():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        run.root.mkdir(parents=True, exist_ok=True)
+        probe = run.root / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise GptError(f"cannot write to train.out_dir {out_dir} ({exc.strerror}); choose another folder") from None
+        raise GptError(f"cannot write to train.out_dir {run.root} ({exc.strerror}); choose another folder") from None
 
 
 def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
@@ -227,9 +269,9 @@ def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset
                            for n in changed)
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
                        "use the checkpoint's model settings")
-    if source.tokenizer_info != dataset.meta["tokenizer"]:
-        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer_info.get('name')} tokenizer "
-                       f"differs from the data's {dataset.meta['tokenizer'].get('name')}; prepare the data "
+    if source.tokenizer_spec != dataset.meta.tokenizer:
+        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer_spec.name} tokenizer "
+                       f"differs from the data's {dataset.meta.tokenizer.name}; prepare the data "
                        "with the checkpoint's tokenizer")
     load_weights(model, source.path)
 
@@ -237,68 +279,66 @@ def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset
 # ----------------------------------------------------------------------------- the loop
 
 @dataclasses.dataclass
-class Run:
+class Trainer:
     """Everything the loop touches, so that helpers stay small."""
 
     config: Config
-    out_dir: Path
+    run: RunFolder
     dataset: Dataset
     model: GPT                   # the plain module: its state dict has no wrapper prefixes
     forward_model: torch.nn.Module  # compiled and/or DDP-wrapped, used for forward passes
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    sampler: BatchSampler
+    batches: DeviceBatches
     device: torch.device
     autocast: Callable
     dist: distributed.Dist
-    it: int = 0
-    best_val: float = math.inf
+    state: TrainState = dataclasses.field(default_factory=TrainState)
 
     @property
     def tokens_per_step(self) -> int:
         t = self.config.train
         return t.batch_size * t.grad_accum * self.config.model.block_size * self.dist.world_size
 
-    def checkpoint(self, last_losses: dict[str, float]) -> None:
-        data_states = distributed.gather_objects(self.sampler.state(), self.dist)
-        rng_states = distributed.gather_objects(torch.get_rng_state(), self.dist)
+    def shared_state(self) -> dict[str, Resumable]:
+        """What every rank holds alike (rank 0's copy is saved)."""
+        return {"optimizer": self.optimizer, **({"scaler": self.scaler} if self.scaler is not None else {})}
+
+    def rank_state(self) -> dict[str, Resumable]:
+        """What differs between ranks: the data position and the random generators."""
+        return {"data": self.batches, "rng": RNGState(self.device)}
+
+    def save(self) -> None:
+        ranks = distributed.gather_objects({k: v.state_dict() for k, v in self.rank_state().items()}, self.dist)
         if not self.dist.is_main:
             return
-        state = {"iter": self.it, "tokens": self.it * self.tokens_per_step, "best_val_loss": _finite(self.best_val),
-                 "world_size": self.dist.world_size, "data_state": data_states, "losses": last_losses}
-        training_state = {"optimizer": self.optimizer.state_dict(),
-                          "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                          "torch_rng": rng_states,
-                          "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
-        save_checkpoint(self.out_dir, self.model, self.config, self.dataset.meta["tokenizer"], state,
-                        training_state, self.config.train.keep_last)
+        training = {**{k: v.state_dict() for k, v in self.shared_state().items()}, "ranks": ranks}
+        state = {**self.state.state_dict(), "world_size": self.dist.world_size}
+        save_checkpoint(self.run, self.model, self.config, self.dataset.meta.tokenizer, state, training,
+                        self.config.train.keep_last)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         load_weights(self.model, checkpoint.path)
         self.model.to(self.device)
         training = load_training_state(checkpoint.path)
-        self.optimizer.load_state_dict(training["optimizer"])
-        if self.scaler is not None and training.get("scaler"):
-            self.scaler.load_state_dict(training["scaler"])
-        state = checkpoint.state
-        self.it = state["iter"]
-        self.best_val = state.get("best_val_loss") or math.inf
-        if state.get("world_size", 1) == self.dist.world_size:
-            self.sampler.load_state(state["data_state"][self.dist.rank])
-            torch.set_rng_state(training["torch_rng"][self.dist.rank])
-            if training.get("cuda_rng") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state_all(training["cuda_rng"])
+        if "ranks" not in training or "optimizer" not in training:
+            raise GptError(f"{checkpoint.path} was written by an older version of gpt and cannot be resumed; "
+                           f"start a new run with train.init_from={checkpoint.path} to keep its weights")
+        self.state.load_state_dict(checkpoint.state)
+        for key, part in self.shared_state().items():
+            if key in training:
+                part.load_state_dict(training[key])
+        ranks = training["ranks"]
+        if len(ranks) == self.dist.world_size:
+            for key, part in self.rank_state().items():
+                part.load_state_dict(ranks[self.dist.rank][key])
         elif self.dist.is_main:
-            print(f"warning: checkpoint was written by {state.get('world_size')} processes, this run has "
+            print(f"warning: checkpoint was written by {len(ranks)} processes, this run has "
                   f"{self.dist.world_size}; the data order restarts from a new random position", file=sys.stderr)
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def build_run(config: Config, *, resume: bool, overwrite: bool,
-              dist: distributed.Dist) -> tuple[Run, Checkpoint | None]:
+def build_trainer(config: Config, *, resume: bool, overwrite: bool,
+                  dist: distributed.Dist) -> tuple[Trainer, Checkpoint | None]:
     tc = config.train
     device = pick_device(tc.device)
     if dist.enabled and device.type == "cuda":
@@ -309,14 +349,15 @@ def build_run(config: Config, *, resume: bool, overwrite: bool,
     check_block_size(dataset, config.model.block_size)
     if "train" not in dataset.splits:
         raise GptError(f"{dataset.folder} has no train split; run `gpt prepare` again")
-    out_dir = Path(tc.out_dir)
+    run = RunFolder(Path(tc.out_dir))
     checkpoint = None
     if dist.is_main:
-        prepare_out_dir(out_dir, resume, overwrite)
+        prepare_out_dir(run, resume, overwrite)
     if resume:
-        checkpoint = read_checkpoint(out_dir) if complete_checkpoints(out_dir) else None
+        checkpoint = read_checkpoint(run.root) if run.checkpoints() else None
         if checkpoint is None:
-            raise GptError(f"nothing to resume: {out_dir} has no complete checkpoint; drop --resume to start a new run")
+            raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; "
+                           "drop --resume to start a new run")
         if dist.is_main:
             check_resume_config(checkpoint, config)
     distributed.barrier(dist)
@@ -331,20 +372,20 @@ def build_run(config: Config, *, resume: bool, overwrite: bool,
     forward_model = distributed.wrap(maybe_compile(model, tc.compile, device), dist, device)
     sampler = BatchSampler(dataset.splits["train"], config.model.block_size, tc.batch_size,
                            seed=[tc.seed, 0, dist.rank])
-    run = Run(config=config, out_dir=out_dir, dataset=dataset, model=model, forward_model=forward_model,
-              optimizer=optimizer, scaler=scaler, sampler=sampler, device=device,
-              autocast=autocast_for(device, dtype), dist=dist)
+    trainer = Trainer(config=config, run=run, dataset=dataset, model=model, forward_model=forward_model,
+                      optimizer=optimizer, scaler=scaler, batches=DeviceBatches(sampler, tc.grad_accum, device),
+                      device=device, autocast=autocast_for(device, dtype), dist=dist)
     if checkpoint is not None:
-        run.restore(checkpoint)
-    return run, checkpoint
+        trainer.restore(checkpoint)
+    return trainer, checkpoint
 
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> int:
     """Train (or continue) the run described by `config`; returns the process exit code."""
     dist = distributed.setup(pick_device(config.train.device).type)
     try:
-        run, checkpoint = build_run(config, resume=resume, overwrite=overwrite, dist=dist)
-        code = _loop(run, checkpoint)
+        trainer, checkpoint = build_trainer(config, resume=resume, overwrite=overwrite, dist=dist)
+        code = _loop(trainer, resumed=checkpoint is not None)
         # Let rank 0 finish writing before any rank tears the process group down: a rank that
         # leaves early aborts inside gloo ("terminate called without an active exception").
         distributed.barrier(dist)
@@ -358,111 +399,71 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> i
         distributed.teardown(dist)
 
 
-def _loop(run: Run, checkpoint: Checkpoint | None) -> int:
-    tc, main = run.config.train, run.dist.is_main
-    metrics = MetricsLog(run.out_dir, run.it if checkpoint else None, tc.tensorboard) if main else None
+def _loop(tr: Trainer, resumed: bool) -> int:
+    tc, main, state = tr.config.train, tr.dist.is_main, tr.state
+    metrics = MetricsLog(tr.run, state.iter if resumed else None, tc.tensorboard) if main else None
     if main:
-        print(dump_yaml(run.config).rstrip())
-        print(f"model: {run.model.num_params():,} parameters | device {run.device} | "
-              f"{run.tokens_per_step:,} tokens per step | starting at iter {run.it}")
-    peak = peak_flops(tc.peak_flops, run.device)
-    flops_per_token = run.model.flops_per_token()
-    progress = Progress(tc.max_iters, run.it, enabled=main)
+        print(dump_yaml(tr.config).rstrip())
+        print(f"model: {tr.model.num_params():,} parameters | device {tr.device} | "
+              f"{tr.tokens_per_step:,} tokens per step | starting at iter {state.iter}")
+    peak = peak_flops(tc.peak_flops, tr.device)
+    flops_per_token = tr.model.flops_per_token()
+    progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_iters = time.perf_counter(), 0
-    last_losses: dict[str, float] = {}
     with StopRequest() as stop:
-        while run.it < tc.max_iters and stop.signum is None:
-            lr = lr_at(run.it, tc.lr, tc.min_lr, tc.warmup_iters, tc.decay_iters)
-            for group in run.optimizer.param_groups:
+        # Every rank must take the same number of steps, or one waits forever in a collective:
+        # the stop request is agreed between ranks before each step.
+        while state.iter < tc.max_iters and not distributed.any_rank(stop.signum is not None, tr.dist, tr.device):
+            lr = lr_at(state.iter, tc.lr, tc.min_lr, tc.warmup_iters, tc.decay_iters)
+            for group in tr.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [tuple(t.to(run.device, non_blocking=True) for t in run.sampler.next_batch())
-                       for _ in range(tc.grad_accum)]
-            loss = accumulate_gradients(run.forward_model, batches, run.autocast, run.scaler)
-            grad_norm = optimizer_step(run.model, run.optimizer, run.scaler, tc.grad_clip)
-            run.it += 1
+            loss = accumulate_gradients(tr.forward_model, tr.batches.next(), tr.autocast, tr.scaler)
+            grad_norm = optimizer_step(tr.model, tr.optimizer, tr.scaler, tc.grad_clip)
+            state.iter += 1
+            state.tokens += tr.tokens_per_step
             window_iters += 1
             row: dict[str, Any] = {}
-            if run.it % tc.log_interval == 0 or run.it == tc.max_iters:
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_iters * run.tokens_per_step / elapsed
-                row = {"loss": distributed.mean_across_ranks(loss, run.dist, run.device), "lr": lr,
-                       "grad_norm": grad_norm, "tok_per_s": tok_s, "ms_per_iter": 1000 * elapsed / window_iters,
-                       "mfu": flops_per_token * tok_s / peak if peak else None}
+            if state.iter % tc.log_interval == 0 or state.iter == tc.max_iters:
+                row = {"loss": distributed.mean_across_ranks(loss, tr.dist), "lr": lr, "grad_norm": grad_norm.item()}
+                elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
+                tok_s = window_iters * tr.tokens_per_step / elapsed
+                row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
+                           mfu=flops_per_token * tok_s / peak if peak else None)
                 window_start, window_iters = time.perf_counter(), 0
-            if run.it % tc.eval_interval == 0 or run.it == tc.max_iters:
-                last_losses = evaluate(_unwrap_ddp(run.forward_model), run.dataset, run.config.model.block_size,
-                                       tc.batch_size, tc.eval_iters, tc.seed, run.device, run.autocast)
-                row.update(eval_train_loss=last_losses.get("train"), val_loss=last_losses.get("val"))
-                _maybe_save_best(run, last_losses)
+            paused = time.perf_counter()
+            if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
+                state.losses = evaluate(_unwrap_ddp(tr.forward_model), tr.dataset, tr.config.model.block_size,
+                                        tc.batch_size, tc.eval_iters, tc.seed, tr.device, tr.autocast)
+                row.update(eval_train_loss=state.losses.get("train"), val_loss=state.losses.get("val"))
+                _maybe_save_best(tr)
             if row and main:
-                metrics.write({"iter": run.it, "tokens": run.it * run.tokens_per_step, **row})
-                progress.report(run.it, row)
+                metrics.write({"iter": state.iter, "tokens": state.tokens, **row})
+                progress.report(state.iter, row)
                 if "val_loss" in row or "eval_train_loss" in row:
                     metrics.plot()
-            progress.advance(run.it)
-            if run.it % tc.ckpt_interval == 0 or run.it == tc.max_iters:
-                run.checkpoint(last_losses)
-        if stop.signum is not None:
-            run.checkpoint(last_losses)
+            progress.advance(state.iter)
+            if state.iter % tc.ckpt_interval == 0 or state.iter == tc.max_iters:
+                tr.save()
+            window_start += time.perf_counter() - paused  # speed counts training steps only
+        stopped = state.iter < tc.max_iters
+        if stopped:
+            tr.save()
             if main:
-                print(f"stopped at iter {run.it}; continue with: gpt train --resume {run.out_dir}", file=sys.stderr)
+                print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
         progress.close()
-        return stop.exit_code
+        return stop.exit_code or (130 if stopped else 0)
 
 
 def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "no_sync") else model
 
 
-def _maybe_save_best(run: Run, losses: dict[str, float]) -> None:
+def _maybe_save_best(tr: Trainer) -> None:
+    losses = tr.state.losses
     score = losses.get("val", losses.get("train"))
-    if score is None or score >= run.best_val:
+    if score is None or score >= tr.state.best_val_loss:
         return
-    run.best_val = score
-    if run.config.train.save_best and run.dist.is_main:
-        state = {"iter": run.it, "tokens": run.it * run.tokens_per_step, "losses": losses}
-        save_best(run.out_dir, run.model, run.config, run.dataset.meta["tokenizer"], state)
-
-
-class Progress:
-    """A tqdm bar on a terminal; compact log lines otherwise (CI, files, pipes)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled, self.total = enabled, total
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True) if self.tty else None
-        self.last_ms: float | None = None
-
-    def report(self, it: int, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        parts = [f"loss {row['loss']:.4f}" if row.get("loss") is not None else None,
-                 f"val {row['val_loss']:.4f}" if row.get("val_loss") is not None else None,
-                 f"lr {row['lr']:.2e}" if row.get("lr") is not None else None,
-                 f"{row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else None,
-                 f"{row['ms_per_iter']:.1f} ms/iter" if row.get("ms_per_iter") else None,
-                 f"mfu {100 * row['mfu']:.1f}%" if row.get("mfu") else None]
-        if row.get("ms_per_iter"):
-            self.last_ms = row["ms_per_iter"]
-        if self.last_ms:
-            parts.append(f"eta {_duration((self.total - it) * self.last_ms / 1000)}")
-        text = " | ".join(p for p in parts if p)
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-        else:
-            print(f"iter {it}/{self.total} | {text}", flush=True)
-
-    def advance(self, it: int) -> None:
-        if self.bar is not None:
-            self.bar.n = it
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+    tr.state.best_val_loss = score
+    if tr.config.train.save_best and tr.dist.is_main:
+        save_best(tr.run, tr.model, tr.config, tr.dataset.meta.tokenizer,
+                  {**tr.state.state_dict(), "world_size": tr.dist.world_size})

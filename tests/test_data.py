@@ -5,11 +5,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import gpt.data
 from gpt.data import PrepareOptions, prepare
 from gpt.errors import GptError
-from gpt.shards import HEADER_BYTES, MAGIC, BatchSampler, load_dataset, read_shard
+from gpt.formats import HEADER_BYTES, SHARD_MAGIC, DatasetMeta
+from gpt.shards import BatchSampler, DeviceBatches, load_dataset, read_shard
 from gpt.tokenizer import make_tokenizer
 
 
@@ -36,7 +38,7 @@ def test_shards_are_written_byte_exactly(tmp_path):
     for i, shard in enumerate(shards):
         raw = (folder / shard["file"]).read_bytes()
         header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
-        assert header[0] == MAGIC and header[1] == 1 and header[2] == shard["tokens"]
+        assert header[0] == SHARD_MAGIC and header[1] == 1 and header[2] == shard["tokens"]
         assert not header[3:].any()
         assert raw[HEADER_BYTES:] == np.array(expected[40 * i:40 * i + shard["tokens"]], dtype="<u2").tobytes()
     assert meta["sources"][0]["sha256"] == __import__("hashlib").sha256(corpus.read_bytes()).hexdigest()
@@ -69,6 +71,8 @@ def test_single_document_splits_off_a_contiguous_tail(tmp_path):
     folder = run(tmp_path, [corpus], tokenizer="byte", val_fraction=0.1)
     train, val = (bytes(shard_tokens(folder, split)[1:].tolist()) for split in ("train", "val"))
     assert train + val == corpus.read_bytes()
+    splits = DatasetMeta.read(folder).splits
+    assert (splits["train"].bytes, splits["val"].bytes) == (len(train), len(val))
     assert val.startswith(b"line ") and 0.08 < len(val) / (len(train) + len(val)) < 0.12
 
 
@@ -84,12 +88,13 @@ def test_folder_glob_jsonl_and_document_split(tmp_path):
              for split in ("train", "val")}
     assert texts["val"] == "document 0\n"  # the first document goes to val, then every tenth
     assert "not this" not in texts["train"] and texts["train"].count("document") == 9
-    assert dataset.meta["splits"]["train"]["tokens"] == len(texts["train"]) + 9  # one separator per document
+    assert dataset.meta.splits["train"].tokens == len(texts["train"]) + 9  # one separator per document
+    assert dataset.meta.splits["train"].bytes == len(texts["train"].encode())
 
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"record {i}"}) for i in range(20)) + "\n")
     folder = run(tmp_path, [jsonl], tokenizer="byte", jsonl_field="body", out=str(tmp_path / "j"))
-    assert load_dataset(folder).meta["splits"]["val"]["tokens"] == len("record 0") + len("record 10") + 2
+    assert load_dataset(folder).meta.splits["val"].tokens == len("record 0") + len("record 10") + 2
 
     folder = run(tmp_path, [str(docs / "**" / "0[0-4].txt")], tokenizer="byte", val_fraction=0.0,
                  out=str(tmp_path / "g"))
@@ -171,6 +176,10 @@ def _shard(folder):
     (lambda f: _edit_meta(f, lambda m: m["splits"]["train"]["shards"][0].update(tokens=5)), "meta.json says 5"),
     (lambda f: _edit_meta(f, lambda m: m.update(vocab_size=3)), "does not match its char tokenizer"),
     (lambda f: (f / "meta.json").write_text("{"), "not valid JSON"),
+    (lambda f: _edit_meta(f, lambda m: m["splits"]["train"]["shards"][0].update(file="../x.bin")), "not a plain file"),
+    (lambda f: _edit_meta(f, lambda m: m.update(tokenizer={"name": "wordpiece"})), "unknown or malformed tokenizer"),
+    (lambda f: _edit_meta(f, lambda m: m.update(vocab_size="65")), "missing fields or has wrong types"),
+    (lambda f: _edit_meta(f, lambda m: m.pop("splits")), "missing fields or has wrong types"),
 ])
 def test_reader_rejects_damaged_datasets(dataset_copy, corrupt, message):
     corrupt(dataset_copy)
@@ -197,13 +206,26 @@ def test_batch_sampler_windows_are_contiguous_and_resumable(char_data):
     x, y = sampler.next_batch()
     assert x.shape == y.shape == (4, 16)
     assert np.array_equal(x[:, 1:], y[:, :-1])
-    state = sampler.state()
+    state = sampler.state_dict()
     expected = sampler.next_batch()
     resumed = BatchSampler(shards, block_size=16, batch_size=4, seed=99)
-    resumed.load_state(state)
+    resumed.load_state_dict(state)
     assert all(np.array_equal(a, b) for a, b in zip(expected, resumed.next_batch()))
     with pytest.raises(GptError, match="lower model.block_size"):
         BatchSampler(shards, block_size=10**7, batch_size=1, seed=0)
+
+
+def test_device_batches_run_one_step_ahead_but_resume_at_the_next_step(char_data):
+    shards = load_dataset(char_data).splits["train"]
+    reference = BatchSampler(shards, block_size=8, batch_size=2, seed=5)
+    expected = [[reference.next_batch() for _ in range(3)] for _ in range(4)]
+    batches = DeviceBatches(BatchSampler(shards, block_size=8, batch_size=2, seed=5), 3, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(sum(batches.next(), ()), sum(expected[0], ())))
+    state = batches.state_dict()
+    resumed = DeviceBatches(BatchSampler(shards, block_size=8, batch_size=2, seed=99), 3, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    for step in expected[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(sum(resumed.next(), ()), sum(step, ())))
 
 
 MEMORY_PROBE = """

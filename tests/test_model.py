@@ -120,6 +120,13 @@ def test_residual_projections_use_scaled_init():
 
 
 def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
-    assert tiny(dropout=0.2).blocks[0].attn.dropout == 0.2
-    model = tiny(dropout=0.2, attn_dropout=0.0)
-    assert model.blocks[0].attn.dropout == 0.0 and model.blocks[0].mlp.dropout.p == 0.2
+    idx = torch.randint(0, 50, (2, 16))
+
+    def train_mode_logits(**dropouts):
+        model = tiny(**dropouts).train()  # same weights: tiny() seeds before building
+        torch.manual_seed(1)
+        return model(idx)[0]
+
+    default = train_mode_logits(dropout=0.3)
+    assert torch.equal(default, train_mode_logits(dropout=0.3, attn_dropout=0.3))
+    assert not torch.equal(default, train_mode_logits(dropout=0.3, attn_dropout=0.0))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gpt.config import build_config
+from gpt.config import SampleConfig, build_config
 from gpt.model import GPT
-from gpt.sample import GenerationSettings, chat_prompt, decode, few_shot_prompt, filter_logits, generate, pick_tokens
+from gpt.sample import chat_prompt, crop_to_context, decode, few_shot_prompt, filter_logits, generate, pick_tokens
 from gpt.tokenizer import ByteTokenizer, CharTokenizer
 from gpt.train import train
 
@@ -39,10 +39,29 @@ def test_kv_cache_gives_the_tokens_of_full_recompute_across_the_crop(pos):
     assert torch.equal(recomputed, cached)
 
 
-def test_prompt_longer_than_context_is_cropped():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_longer_than_context_is_cropped_to_its_end(use_cache):
     model = tiny()
-    tokens = list(decode(model, torch.randint(0, 30, (1, 40)), 3, greedy))
-    assert len(tokens) == 3
+    prompt = torch.randint(0, 30, (1, 40))
+    from_long = torch.stack(list(decode(model, prompt, 5, greedy, use_cache)))
+    from_end = torch.stack(list(decode(model, prompt[:, -16:], 5, greedy, use_cache)))
+    from_start = torch.stack(list(decode(model, prompt[:, :16], 5, greedy, use_cache)))
+    assert torch.equal(from_long, from_end) and not torch.equal(from_long, from_start)
+
+
+def test_crop_to_context_keeps_the_end_of_the_text():
+    tok = CharTokenizer("abcdefghij")
+    assert crop_to_context("abcdefghij", tok, 4) == "ghij"
+    assert crop_to_context("abc", tok, 4) == "abc"
+
+
+def test_multibyte_characters_stream_whole():
+    tok = ByteTokenizer()
+    text = "é世🚀"
+    pieces = []
+    [sample] = generate(Scripted(list(text.encode()) + [256], 257), tok, "x",
+                        SampleConfig(max_new_tokens=20, temperature=0), on_text=pieces.append)
+    assert sample.text == text and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
 
 
 def test_top_k_only_emits_the_k_most_likely():
@@ -98,7 +117,7 @@ def test_stop_string_cuts_before_it_and_streaming_never_shows_it():
     tok = CharTokenizer("ab\nUser: x\nmore")
     model = Scripted(tok.encode("ab\nUser: x\nmore"), tok.vocab_size)
     pieces = []
-    [sample] = generate(model, tok, "a", GenerationSettings(max_new_tokens=50, temperature=0, stop=["\nUser:"]),
+    [sample] = generate(model, tok, "a", SampleConfig(max_new_tokens=50, temperature=0, stop=["\nUser:"]),
                         on_text=pieces.append)
     assert sample.text == "ab" and sample.stop_reason == "stop"
     assert "".join(pieces) == "ab"
@@ -107,9 +126,9 @@ def test_stop_string_cuts_before_it_and_streaming_never_shows_it():
 def test_end_of_text_stops_unless_ignored():
     tok = ByteTokenizer()
     script = [104, 105, 256, 106]
-    [sample] = generate(Scripted(script, 257), tok, "x", GenerationSettings(max_new_tokens=10, temperature=0))
+    [sample] = generate(Scripted(script, 257), tok, "x", SampleConfig(max_new_tokens=10, temperature=0))
     assert (sample.text, sample.stop_reason, len(sample.tokens)) == ("hi", "eot", 2)
-    settings = GenerationSettings(max_new_tokens=4, temperature=0, ignore_eot=True)
+    settings = SampleConfig(max_new_tokens=4, temperature=0, ignore_eot=True)
     [sample] = generate(Scripted(script, 257), tok, "x", settings)
     assert (sample.text, sample.stop_reason, len(sample.tokens)) == ("hij", "max_tokens", 4)
 
@@ -117,7 +136,7 @@ def test_end_of_text_stops_unless_ignored():
 def test_same_seed_same_text_and_batches_differ():
     model = tiny(vocab=26)
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
-    settings = GenerationSettings(max_new_tokens=30, temperature=1.0, top_k=None, seed=7, num_samples=3)
+    settings = SampleConfig(max_new_tokens=30, temperature=1.0, top_k=None, seed=7, num_samples=3)
     first = [s.text for s in generate(model, tok, "abc", settings)]
     second = [s.text for s in generate(model, tok, "abc", settings)]
     assert first == second and len(set(first)) == 3
@@ -152,11 +171,17 @@ def test_sample_cli_json_and_errors(trained, cli, tmp_path):
     examples.write_text("KING:\nGood morrow.\n")
     code, out, _ = cli("sample", trained, "--few-shot", examples, "--prompt", "QUEEN:", "--max-new-tokens", "5")
     assert code == 0 and out.startswith("KING:\nGood morrow.\n\nQUEEN:")
-    for args, message in [(["--top-k", "0"], "top_k must be at least 1"), (["--top-p", "1.5"], "top_p must be in"),
-                          (["--temperature", "-1"], "temperature must be >= 0"),
-                          (["--prompt", "ROMEO€"], "'€'")]:
-        code, _, err = cli("sample", trained, *args)
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "0"], "top_k must be at least 1"), (["--top-p", "1.5"], "top_p must be in"),
+    (["--temperature", "-1"], "temperature must be >= 0"), (["--prompt", "ROMEO€"], "'€'")])
+def test_sample_bad_settings_are_one_line(trained, cli, args, message):
+    code, _, err = cli("sample", trained, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_missing_checkpoint(cli, tmp_path):
     code, _, err = cli("sample", tmp_path / "missing")
     assert code == 2 and "checkpoint not found" in err
 
@@ -180,6 +205,11 @@ def test_chat_reads_turns_from_stdin(trained, cli, monkeypatch):
     assert code == 0, err
     replies = [line for line in out.splitlines() if line.startswith("Assistant:")]
     assert len(replies) == 2
+    # `gpt sample --interactive` is the same code path with the same defaults.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nHow art thou?\n"))
+    code, again, err = cli("sample", trained, "--interactive", "--system", "Speak as Shakespeare.",
+                           "--max-new-tokens", "8", "--seed", "0")
+    assert code == 0 and again == out, err
 
 
 def test_info_describes_a_run(trained, cli):

@@ -1,7 +1,7 @@
 import pytest
 
 from gpt.errors import GptError
-from gpt.tokenizer import ByteTokenizer, CharTokenizer, make_tokenizer
+from gpt.tokenizer import ByteTokenizer, CharTokenizer, TextDecoder, TokenizerSpec, make_tokenizer
 
 TEXTS = ["hello world", "Ünïcödé — 世界 🚀\n\ttabs  and  spaces", "", "a" * 1000]
 
@@ -13,10 +13,36 @@ def test_gpt2_known_ids_and_special_token():
     assert tok.decode([50256]) == "<|endoftext|>"
 
 
+@pytest.mark.parametrize("name", ["gpt2", "byte", "char"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_round_trips(text):
-    for tok in (make_tokenizer("gpt2"), ByteTokenizer(), CharTokenizer(text or "x")):
-        assert tok.decode(tok.encode(text)) == text
+def test_round_trips(name, text):
+    tok = CharTokenizer(text or "x") if name == "char" else make_tokenizer(name)
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("name", ["gpt2", "byte"])
+def test_text_decoder_holds_back_split_characters_and_matches_decode(name):
+    tok = make_tokenizer(name)
+    text = "Ünïcödé — 世界 🚀 done"
+    ids = tok.encode(text)
+    decoder = TextDecoder(tok)
+    pieces = [decoder.add(i) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if not p]) > 0  # some tokens end inside a character
+    truncated = TextDecoder(tok)
+    assert "".join(truncated.add(i) for i in tok.encode("🚀")[:1]) + truncated.finish() == "\ufffd"
+
+
+def test_tokenizer_spec_round_trips():
+    spec = CharTokenizer("banana").spec
+    assert spec == TokenizerSpec("char", "abn") and TokenizerSpec.from_json(spec.to_json(), "t") == spec
+    assert spec.build().encode("nab") == [2, 0, 1]
+
+
+@pytest.mark.parametrize("junk", [{"name": "wordpiece"}, ["gpt2"], {"name": "char", "vocab": 5}])
+def test_tokenizer_spec_rejects_junk(junk):
+    with pytest.raises(GptError, match="t.json: unknown or malformed tokenizer"):
+        TokenizerSpec.from_json(junk, "t.json")
 
 
 def test_gpt2_encode_ignores_special_token_text():
@@ -30,7 +56,6 @@ def test_char_vocab_is_sorted_and_unknown_chars_are_named():
     assert tok.encode("nab") == [2, 0, 1]
     with pytest.raises(GptError, match="'z'"):
         tok.encode("zebra")
-    assert make_tokenizer("char", tok.to_json()["vocab"]).encode("nab") == [2, 0, 1]
 
 
 def test_byte_tokenizer_is_lossless_on_binary_data():

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ from gpt import distributed
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, to_dict
 from gpt.errors import GptError
+from gpt.formats import RunFolder
 from gpt.metrics import read_metrics
 from gpt.model import GPT
-from gpt.train import accumulate_gradients, build_run, lr_at, make_optimizer, train
+from gpt.tokenizer import TokenizerSpec
+from gpt.train import accumulate_gradients, build_trainer, lr_at, make_optimizer, train
 
 
 def with_changes(config, *overrides):
@@ -40,7 +43,7 @@ def test_grad_accumulation_matches_one_big_batch():
     model.zero_grad()
     loss_small = accumulate_gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)],
                                       contextlib.nullcontext)
-    assert loss_small == pytest.approx(loss_big, rel=1e-5)
+    assert loss_small.item() == pytest.approx(loss_big.item(), rel=1e-5)
     for a, b in zip(big, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -89,22 +92,28 @@ def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
         train(with_changes(config, "model.n_layer=3"), resume=True)
 
 
-def test_train_bad_inputs(char_data, tmp_path):
-    config = tiny_config(char_data, tmp_path / "run", max_iters=2)
-    cases = [
-        (with_changes(config, f"data.dir={tmp_path / 'nope'}"), "data folder not found"),
-        (with_changes(config, "model.vocab_size=100"), "set model.vocab_size=null"),
-        (with_changes(config, "model.block_size=1000000"), "lower model.block_size"),
-        (with_changes(config, "train.device=cuda"), "CUDA is not available"),
-    ]
-    (tmp_path / "no_meta").mkdir()
-    cases.append((with_changes(config, f"data.dir={tmp_path / 'no_meta'}"), "has no meta.json"))
+def _blocked_out_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    cases.append((with_changes(config, f"train.out_dir={blocker / 'run'}"), "cannot write to train.out_dir"))
-    for bad, message in cases:
-        with pytest.raises(GptError, match=message):
-            train(bad)
+    return f"train.out_dir={blocker / 'run'}"
+
+
+@pytest.mark.parametrize("override, message", [
+    (lambda tmp: f"data.dir={tmp / 'nope'}", "data folder not found"),
+    (lambda tmp: "model.vocab_size=100", "set model.vocab_size=null"),
+    (lambda tmp: "model.block_size=1000000", "lower model.block_size"),
+    (lambda tmp: "train.device=cuda", "CUDA is not available"),
+    (lambda tmp: (tmp / "no_meta").mkdir() or f"data.dir={tmp / 'no_meta'}", "has no meta.json"),
+    (_blocked_out_dir, "cannot write to train.out_dir"),
+], ids=["no-data", "vocab", "block-size", "cuda", "no-meta", "unwritable"])
+def test_train_bad_inputs(char_data, tmp_path, override, message):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=2)
+    with pytest.raises(GptError, match=message):
+        train(with_changes(config, override(tmp_path)))
+
+
+def test_run_folder_rules(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=2)
     with pytest.raises(GptError, match="nothing to resume"):
         train(config, resume=True)
     train(config)
@@ -117,10 +126,10 @@ def test_fine_tuning_starts_from_checkpoint_weights(char_data, tmp_path):
     base = tiny_config(char_data, tmp_path / "base", max_iters=5)
     train(base)
     tuned = with_changes(base, f"train.out_dir={tmp_path / 'tuned'}", f"train.init_from={tmp_path / 'base'}")
-    run, _ = build_run(tuned, resume=False, overwrite=False, dist=distributed.Dist())
+    trainer, _ = build_trainer(tuned, resume=False, overwrite=False, dist=distributed.Dist())
     source = load_model(read_checkpoint(tmp_path / "base"))
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), run.model.state_dict().values()))
-    assert run.it == 0 and not run.optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), trainer.model.state_dict().values()))
+    assert trainer.state.iter == 0 and not trainer.optimizer.state
     with pytest.raises(GptError, match="model.n_embd=64 .here 32."):
         train(with_changes(tuned, "model.n_embd=32"))
 
@@ -147,7 +156,9 @@ import sys, torch
 from pathlib import Path
 from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
+from gpt.formats import RunFolder
 from gpt.model import GPT
+from gpt.tokenizer import TokenizerSpec
 config = build_config({"model": {"preset": "mini", "vocab_size": 2000}})
 model = GPT(config.model)
 out = Path(sys.argv[1])
@@ -155,7 +166,8 @@ out.mkdir(exist_ok=True)
 for it in range(1, 10000):
     with torch.no_grad():
         model.wte.weight[0, 0] = it
-    save_checkpoint(out, model, config, {"name": "byte"}, {"iter": it}, {"step": torch.tensor(it)}, keep_last=2)
+    save_checkpoint(RunFolder(out), model, config, TokenizerSpec("byte"), {"iter": it}, {"step": torch.tensor(it)},
+                    keep_last=2)
     print(it, flush=True)
 """
 
@@ -226,7 +238,9 @@ def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = read_checkpoint(tmp_path / "run")
     assert ckpt.state["iter"] == 6 and ckpt.state["world_size"] == 2
-    assert len(ckpt.state["data_state"]) == 2 and ckpt.state["data_state"][0] != ckpt.state["data_state"][1]
+    ranks = load_training_state(ckpt.path)["ranks"]
+    assert len(ranks) == 2 and ranks[0]["data"] != ranks[1]["data"]
+    assert not torch.equal(ranks[0]["rng"]["cpu"], ranks[1]["rng"]["cpu"])
     assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
     assert result.stdout.count("model: ") == 1  # only rank 0 prints
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
@@ -237,17 +251,61 @@ def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
     assert read_checkpoint(tmp_path / "run").state["iter"] == 8
 
 
+def _worker_of_rank(parent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    children = Path(f"/proc/{parent_pid}/task/{parent_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(char_data, tmp_path):
+    config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "gpt.cli", "train", config]
+    proc = subprocess.Popen(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
+    proc.communicate(timeout=120)  # a rank left waiting in a collective would hang here
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert ckpt.state["iter"] >= 3 and len(load_training_state(ckpt.path)["ranks"]) == 2
+
+
 def test_saving_an_iteration_again_keeps_the_complete_checkpoint(tmp_path):
     from gpt.checkpoint import save_checkpoint
 
     config = build_config({"model": {"preset": "tiny", "vocab_size": 40}})
     model = GPT(config.model)
-    save_checkpoint(tmp_path, model, config, {"name": "byte"}, {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    run = RunFolder(tmp_path)
+    save_checkpoint(run, model, config, TokenizerSpec("byte"), {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
     before = (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns
     with torch.no_grad():
         model.wte.weight.zero_()
-    save_checkpoint(tmp_path, model, config, {"name": "byte"}, {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    save_checkpoint(run, model, config, TokenizerSpec("byte"), {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
     assert (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert read_checkpoint(tmp_path / "latest").state["iter"] == 4
     assert load_model(read_checkpoint(tmp_path)).wte.weight.abs().sum() > 0
+
+
+def test_readers_follow_latest_and_best_is_a_complete_folder(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=20, eval_interval=5, ckpt_interval=5))
+    run = RunFolder(tmp_path / "run")
+    assert [p.name for p in run.checkpoints()] == ["ckpt_000010", "ckpt_000015", "ckpt_000020"]
+    os.replace(run.root / "latest", run.root / "old")
+    os.symlink("ckpt_000015", run.latest)
+    assert read_checkpoint(run.root).state["iter"] == 15
+    assert run.best.is_symlink() and read_checkpoint(run.best).state["iter"] % 5 == 0
+    assert [p.name for p in run.root.glob("best_*")] == [run.best.resolve().name]
+
+
+def test_tokens_seen_accumulate_across_a_resume_with_another_batch_size(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=4)
+    train(config)
+    train(with_changes(config, "train.max_iters=6", "train.batch_size=2"), resume=True)
+    assert read_checkpoint(tmp_path / "run").state["tokens"] == 4 * 4 * 32 + 2 * 2 * 32
