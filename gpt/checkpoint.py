@@ -70,16 +70,24 @@ def _atomic_link(link: Path, target: str) -> None:
 
 def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
                   training: dict | None = None) -> None:
-    """Write a complete folder at `final` through `final.tmp` and a rename."""
+    """Write a complete folder at `final` through `final.tmp` and a rename. A failed write
+    (disk full, no permission) removes the partial copy and ends the run with one line: a
+    run that goes on without saving would lose everything after the last checkpoint."""
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_model_files(tmp, model, config, tokenizer, state)
-    if training is not None:
-        torch.save(training, tmp / RunFolder.TRAINING)
-        fsync_path(tmp / RunFolder.TRAINING)
-    fsync_path(tmp)
-    tmp.rename(final)
-    fsync_path(final.parent)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write_model_files(tmp, model, config, tokenizer, state)
+        if training is not None:
+            torch.save(training, tmp / RunFolder.TRAINING)
+            fsync_path(tmp / RunFolder.TRAINING)
+        fsync_path(tmp)
+        tmp.rename(final)
+        fsync_path(final.parent)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:160]
+        raise GptError(f"cannot write checkpoint {final} ({reason}); free disk space or choose another "
+                       "train.out_dir, then resume: the previous checkpoint is intact") from None
 
 
 def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gpt.durable import fsync_path
+from gpt.durable import FolderLock, fsync_path
 from gpt.errors import GptError
 from gpt.formats import TOKEN_DTYPE, DatasetMeta, SplitInfo
 from gpt.shards import ShardWriter
@@ -333,32 +333,39 @@ def prepare(opts: PrepareOptions) -> Path:
     tokenizer_name = opts.tokenizer or (RECIPES[specs[0]][1] if specs[0] in RECIPES and not Path(specs[0]).exists()
                                         else "gpt2")
     out = Path(opts.out) if opts.out else default_out_dir(specs, tokenizer_name)
-    if out.exists() and not opts.overwrite:
-        raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
     if specs.count("-") + (opts.val == "-") > 1:
         raise GptError("stdin ('-') can be read only once; name it as one source")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; a dataset is an ordinary folder
-    try:
-        _prepare_into(opts, specs, tokenizer_name, out, work)
-        _replace_folder(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    if out.exists() and not opts.overwrite:
+        raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    # Every source is found before anything is written: a mistake leaves no trace.
+    train_sources = [resolve_source(spec, opts.extensions) for spec in specs]
+    val_sources = [resolve_source(opts.val, opts.extensions)] if opts.val else []
+    with FolderLock(out.parent / f".{out.name}.lock", f"dataset folder {out}"):
+        if out.exists() and not opts.overwrite:  # again: another `gpt prepare` may have just finished
+            raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; nobody else holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(work, 0o755)  # mkdtemp makes it private; a dataset is an ordinary folder
+        try:
+            _prepare_into(opts, train_sources, val_sources, tokenizer_name, out, work)
+            _replace_folder(work, out)
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise GptError(f"{exc.filename or out}: {exc.strerror}; free disk space or fix the permissions, "
+                           "then run `gpt prepare` again") from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     return out
 
 
-def _prepare_into(opts: PrepareOptions, specs: list[str], tokenizer_name: str, out: Path, work: Path) -> None:
-    def resolve(spec: str) -> Source:
-        source = resolve_source(spec, opts.extensions)
-        if spec == "-":
-            source.files = [_spool_stdin(work)]
-        return source
-
-    train_sources = [resolve(s) for s in specs]
-    val_sources = [resolve(opts.val)] if opts.val else []
+def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources: list[Source],
+                  tokenizer_name: str, out: Path, work: Path) -> None:
     all_sources = train_sources + val_sources
+    for source in all_sources:
+        if source.spec == "-":
+            source.files = [_spool_stdin(work)]
     # byte reads undecodable input losslessly; the others decode strictly unless told otherwise.
     errors = "surrogateescape" if tokenizer_name == "byte" else opts.errors
     if tokenizer_name == "char":

@@ -1,4 +1,4 @@
-"""Durable writes: data that a crash cannot leave half-written.
+"""Durable writes and folder locks: data that a crash or a second process cannot break.
 
 Every output of the tool (shards, meta.json, checkpoints, metrics) is written under a
 temporary name, flushed to disk with fsync, then renamed into place; a rename is atomic, so a
@@ -7,8 +7,13 @@ reader sees either the old file or the complete new one.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import sys
 from pathlib import Path
+
+from gpt.errors import GptError
 
 
 def fsync_path(path: Path) -> None:
@@ -35,3 +40,59 @@ def replace_atomically(path: Path, data: bytes | str) -> None:
     write_durably(tmp, data)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+class FolderLock:
+    """Keeps a second process out of a folder in use (a run's out_dir, a dataset being
+    prepared). The lock is an flock on a lock file, which the kernel releases when the process
+    dies however it dies; the file names the holder's pid and host for the message, and is
+    removed on release. A lock file left by a dead process is taken over with a warning."""
+
+    def __init__(self, path: Path, what: str):
+        """`path` is the lock file; `what` names the locked thing in messages ("train.out_dir runs/x")."""
+        self.path, self.what = path, what
+        self.handle = None
+
+    def __enter__(self) -> FolderLock:
+        while self.handle is None:
+            handle = self._open()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise GptError(f"{self.what} is in use by {holder}; wait for it to end or choose another "
+                               "folder") from None
+            if self._still_linked(handle):
+                self.handle = handle
+            else:  # its holder removed the file between our open and our flock: lock the new one
+                handle.close()
+        previous = self.handle.read().strip()
+        if previous:
+            print(f"warning: taking over the lock of {self.what} left by {previous}, which is no longer running",
+                  file=sys.stderr)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked, so nobody locks the removed file
+        self.handle.close()
+        self.handle = None
+
+    def _open(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise GptError(f"cannot write to {self.what} ({exc.strerror}); choose another folder") from None
+        handle.seek(0)
+        return handle
+
+    def _still_linked(self, handle) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False

@@ -161,6 +161,10 @@ class RunFolder:
     TRAINING = "optimizer.pt"  # optimizer, scaler and per-rank sampler/RNG states
 
     @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
     def latest(self) -> Path:
         return self.root / "latest"
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from gpt.errors import GptError
 from gpt.formats import RunFolder
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
@@ -42,8 +43,12 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, COLUMNS).writerow({k: _cell(v) for k, v in row.items()})
+        try:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, COLUMNS).writerow({k: _cell(v) for k, v in row.items()})
+        except OSError as exc:
+            raise GptError(f"cannot write {self.path} ({exc.strerror}); free disk space or choose another "
+                           "train.out_dir, then resume") from None
         if self.tb is not None:
             for key, value in row.items():
                 if key not in ("iter", "tokens") and value is not None:

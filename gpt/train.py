@@ -31,6 +31,7 @@ from gpt.checkpoint import (
 )
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
+from gpt.durable import FolderLock
 from gpt.errors import GptError
 from gpt.formats import RunFolder
 from gpt.metrics import MetricsLog, Progress
@@ -240,13 +241,6 @@ def prepare_out_dir(run: RunFolder, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-        probe = run.root / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise GptError(f"cannot write to train.out_dir {run.root} ({exc.strerror}); choose another folder") from None
 
 
 def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
@@ -260,8 +254,8 @@ def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
         print("resuming with these config changes:\n" + "\n".join(diff))
 
 
-def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset) -> None:
-    """Fine-tuning start: the weights of another run, checked against this model and data."""
+def check_init_from(path: str, config: Config, dataset: Dataset) -> Checkpoint:
+    """Fine-tuning start: another run's checkpoint, checked against this model and data."""
     source = read_checkpoint(path)
     changed = shape_differences(source.config.model, config.model)
     if changed:
@@ -273,7 +267,7 @@ def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset
         raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer_spec.name} tokenizer "
                        f"differs from the data's {dataset.meta.tokenizer.name}; prepare the data "
                        "with the checkpoint's tokenizer")
-    load_weights(model, source.path)
+    return source
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -337,8 +331,11 @@ class Trainer:
                   f"{self.dist.world_size}; the data order restarts from a new random position", file=sys.stderr)
 
 
-def build_trainer(config: Config, *, resume: bool, overwrite: bool,
-                  dist: distributed.Dist) -> tuple[Trainer, Checkpoint | None]:
+def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distributed.Dist,
+                  hold: contextlib.ExitStack) -> tuple[Trainer, Checkpoint | None]:
+    """Check everything the user gave, then (and only then: a mistake must leave no trace)
+    lock and prepare the run folder and build the model, optimizer and data. The lock stays
+    in `hold` for the whole run."""
     tc = config.train
     device = pick_device(tc.device)
     if dist.enabled and device.type == "cuda":
@@ -350,22 +347,21 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool,
     if "train" not in dataset.splits:
         raise GptError(f"{dataset.folder} has no train split; run `gpt prepare` again")
     run = RunFolder(Path(tc.out_dir))
-    checkpoint = None
+    source = check_init_from(tc.init_from, config, dataset) if tc.init_from and not resume else None
+    if resume and not run.checkpoints():
+        raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; drop --resume to start a new run")
     if dist.is_main:
+        hold.enter_context(FolderLock(run.lock, f"train.out_dir {run.root}"))
         prepare_out_dir(run, resume, overwrite)
-    if resume:
-        checkpoint = read_checkpoint(run.root) if run.checkpoints() else None
-        if checkpoint is None:
-            raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; "
-                           "drop --resume to start a new run")
-        if dist.is_main:
-            check_resume_config(checkpoint, config)
+    checkpoint = read_checkpoint(run.root) if resume else None
+    if checkpoint is not None and dist.is_main:
+        check_resume_config(checkpoint, config)
     distributed.barrier(dist)
 
     torch.manual_seed(tc.seed + dist.rank)
     model = GPT(config.model)
-    if tc.init_from and checkpoint is None:
-        init_from_checkpoint(model, tc.init_from, config, dataset)
+    if source is not None:
+        load_weights(model, source.path)
     model.to(device)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -384,11 +380,12 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> i
     """Train (or continue) the run described by `config`; returns the process exit code."""
     dist = distributed.setup(pick_device(config.train.device).type)
     try:
-        trainer, checkpoint = build_trainer(config, resume=resume, overwrite=overwrite, dist=dist)
-        code = _loop(trainer, resumed=checkpoint is not None)
-        # Let rank 0 finish writing before any rank tears the process group down: a rank that
-        # leaves early aborts inside gloo ("terminate called without an active exception").
-        distributed.barrier(dist)
+        with contextlib.ExitStack() as hold:
+            trainer, checkpoint = build_trainer(config, resume=resume, overwrite=overwrite, dist=dist, hold=hold)
+            code = _loop(trainer, resumed=checkpoint is not None)
+            # Let rank 0 finish writing before any rank tears the process group down: a rank that
+            # leaves early aborts inside gloo ("terminate called without an active exception").
+            distributed.barrier(dist)
         return code
     except torch.cuda.OutOfMemoryError:
         t = config.train

@@ -126,7 +126,8 @@ def test_fine_tuning_starts_from_checkpoint_weights(char_data, tmp_path):
     base = tiny_config(char_data, tmp_path / "base", max_iters=5)
     train(base)
     tuned = with_changes(base, f"train.out_dir={tmp_path / 'tuned'}", f"train.init_from={tmp_path / 'base'}")
-    trainer, _ = build_trainer(tuned, resume=False, overwrite=False, dist=distributed.Dist())
+    with contextlib.ExitStack() as hold:
+        trainer, _ = build_trainer(tuned, resume=False, overwrite=False, dist=distributed.Dist(), hold=hold)
     source = load_model(read_checkpoint(tmp_path / "base"))
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), trainer.model.state_dict().values()))
     assert trainer.state.iter == 0 and not trainer.optimizer.state
