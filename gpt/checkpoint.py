@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +153,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         state = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:
         raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); use another checkpoint") from None
-    if not isinstance(state, dict):
-        raise GptError(f"checkpoint {folder} is corrupt ({RunFolder.STATE} is not an object); use another checkpoint")
+    if not isinstance(state, dict) or config.model.vocab_size is None:
+        raise GptError(f"checkpoint {folder} is corrupt (no vocab_size in {RunFolder.CONFIG} or {RunFolder.STATE} "
+                       "is not an object); use another checkpoint")
     return Checkpoint(path=folder, config=config, tokenizer_spec=tokenizer, state=state)
 
 
@@ -190,7 +190,10 @@ def load_training_state(folder: Path) -> dict[str, Any]:
     anything but tensors and plain containers, so a tampered file cannot run code."""
     path = folder / RunFolder.TRAINING
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or hostile file can fail anywhere in torch's unpickler
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None
+    if not isinstance(state, dict):
+        raise GptError(f"{path} was refused: not a checkpoint's training state")
+    return state

@@ -260,13 +260,14 @@ def _describe(kind: Any) -> str:
 def _check_keys(raw: dict[str, Any]) -> None:
     for section, body in raw.items():
         if section not in SECTIONS:
-            raise GptError(f"unknown config section {section!r}{_suggest(section, list(SECTIONS))}")
+            raise GptError(f"unknown config section {section!r}{_suggest(str(section), list(SECTIONS))}")
         if not isinstance(body, dict):
             raise GptError(f"config section {section!r} must be a mapping of keys to values")
         known = list(_fields(SECTIONS[section]))
         for key in body:
             if key not in known:
-                raise GptError(f"unknown config key '{section}.{key}'{_suggest(key, known, section + '.')}")
+                name = f"{section}.{key}"
+                raise GptError(f"unknown config key {name!r}{_suggest(str(key), known, section + '.')}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -305,6 +306,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise GptError(f"config file not found: {path}; pass a YAML file such as configs/shakespeare_char.yaml")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise GptError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
