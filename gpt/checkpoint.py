@@ -13,6 +13,7 @@ read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -106,14 +107,34 @@ def save_checkpoint(out_dir: Path, model: GPT, config: Config, tokenizer_info: d
 
 def save_best(out_dir: Path, model: GPT, config: Config, tokenizer_info: dict, state: dict) -> None:
     """Replace best/ with these weights (new copy written first, then swapped in)."""
-    tmp, best, old = out_dir / "best.tmp", out_dir / "best", out_dir / "best.old"
+    save_model_folder(out_dir / "best", model, config, tokenizer_info, state)
+
+
+def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer_info: dict, state: dict) -> None:
+    """Write (or replace) a weights-only checkpoint folder like best/, which `gpt sample`,
+    `gpt info` and `train.init_from` accept."""
+    with replacing_folder(folder) as tmp:
+        _write_model_files(tmp, model, config, tokenizer_info, state)
+
+
+@contextlib.contextmanager
+def replacing_folder(final: Path) -> Iterator[Path]:
+    """Yield a path beside `final` to write a new folder at. When the block succeeds the new
+    folder is fsynced and replaces `final` (an old one is moved aside first, then deleted);
+    when it fails the new folder is removed. Readers see the old folder or the new one,
+    never a half-written one."""
+    tmp, old = final.with_name(f"{final.name}.tmp"), final.with_name(f"{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_model_files(tmp, model, config, tokenizer_info, state)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_path(tmp)
-    if best.exists():
-        best.rename(old)
-    tmp.rename(best)
-    fsync_path(out_dir)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -151,20 +172,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_weights(model: GPT, folder: Path) -> None:
-    """Load safetensors weights into `model`. A model on the meta device gets the loaded
-    tensors assigned (no copy); a real one is copied into, so that an optimizer already
-    holding its parameters keeps updating the same tensors."""
+    """Load a checkpoint folder's safetensors weights into `model` (see `assign_weights`)."""
+    assign_weights(model, read_weights(folder), folder)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's model.safetensors, by name."""
     try:
-        weights = load_file(str(folder / WEIGHTS))
+        return load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise GptError(f"{folder / WEIGHTS} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def assign_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load named tensors into `model`. A model on the meta device gets the tensors assigned
+    (no copy); a real one is copied into, so that an optimizer already holding its
+    parameters keeps updating the same tensors."""
     if model.config.tie_embeddings and "wte.weight" in weights:
-        weights["lm_head.weight"] = weights["wte.weight"]
+        weights = {**weights, "lm_head.weight": weights["wte.weight"]}
     try:
         model.load_state_dict(weights, strict=True, assign=next(model.parameters()).is_meta)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise GptError(f"{folder}: weights do not fit the model config ({first})") from None
+        raise GptError(f"{source}: weights do not fit the model config ({first})") from None
     model.tie_weights()
 
 
@@ -177,10 +207,15 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> GP
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
-    """Optimizer, scaler and RNG states. weights_only=True refuses anything but tensors and
-    plain containers, so a tampered file cannot run code."""
+    """Optimizer, scaler and RNG states."""
+    return safe_torch_load(folder / "optimizer.pt")
+
+
+def safe_torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True, which refuses anything but tensors and plain
+    containers, so a tampered file cannot run code."""
     try:
-        return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GptError(f"{folder / 'optimizer.pt'} was refused: not a safe checkpoint file ({reason[:160]})") from None
+        raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None
