@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gpt import distributed
 from gpt.checkpoint import (
     Checkpoint,
+    assign_weights,
     complete_checkpoints,
     load_training_state,
     load_weights,
@@ -32,6 +33,7 @@ from gpt.checkpoint import (
     save_checkpoint,
 )
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
+from gpt.convert import read_model_source
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.errors import GptError
 from gpt.metrics import MetricsLog
@@ -219,11 +221,12 @@ def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
 
 
 def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset) -> None:
-    """Fine-tuning start: the weights of another run, checked against this model and data."""
-    source = read_checkpoint(path)
-    changed = shape_differences(source.config.model, config.model)
+    """Fine-tuning start: the weights of another run (or of a Hugging Face GPT-2 folder,
+    `hf:DIR`), checked against this model and data."""
+    source = read_model_source(path)
+    changed = shape_differences(source.config, config.model)
     if changed:
-        detail = ", ".join(f"model.{n}={getattr(source.config.model, n)!r} (here {getattr(config.model, n)!r})"
+        detail = ", ".join(f"model.{n}={getattr(source.config, n)!r} (here {getattr(config.model, n)!r})"
                            for n in changed)
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
                        "use the checkpoint's model settings")
@@ -231,7 +234,7 @@ def init_from_checkpoint(model: GPT, path: str, config: Config, dataset: Dataset
         raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer_info.get('name')} tokenizer "
                        f"differs from the data's {dataset.meta['tokenizer'].get('name')}; prepare the data "
                        "with the checkpoint's tokenizer")
-    load_weights(model, source.path)
+    assign_weights(model, source.weights, path)
 
 
 # ----------------------------------------------------------------------------- the loop
