@@ -198,7 +198,7 @@ def test_export_round_trips_every_tensor_exactly(cli, hf_dir, imported_dir, tmp_
 def test_exported_tokenizer_files_encode_like_ours(cli, imported_dir, tmp_path):
     assert cli("convert", "to-hf", imported_dir, tmp_path / "back")[0] == 0
     hf_tokenizer = GPT2TokenizerFast.from_pretrained(tmp_path / "back")
-    excerpt = SHAKESPEARE.read_text(encoding="utf-8")[:5000]
+    excerpt = SHAKESPEARE.read_text(encoding="utf-8")[:5000] + "naïve café — 日本語 🤖\n\n   tabs\tI'll 1234567"
     assert hf_tokenizer.encode("hello world") == [31373, 995]
     assert hf_tokenizer.encode(excerpt) == GPT2Tokenizer().encode(excerpt)
     assert hf_tokenizer.eos_token_id == 50256 and len(hf_tokenizer) == VOCAB
