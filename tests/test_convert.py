@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, shakespeare_data
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from gpt.checkpoint import load_model, read_checkpoint, save_model_folder
 from gpt.config import build_config
 from gpt.convert import read_hf, save_imported
-from gpt.data import PrepareOptions, prepare
 from gpt.model import GPT
 from gpt.sample import decode
 from gpt.shards import load_dataset
@@ -245,15 +244,12 @@ def test_models_gpt2_cannot_express_are_refused_by_field(cli, tmp_path, model, m
 
 @pytest.fixture(scope="module")
 def gpt2_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gpt2data")
-    text = folder / "excerpt.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return prepare(PrepareOptions(sources=[str(text)], tokenizer="gpt2", out=str(folder / "data"), workers=1))
+    return shakespeare_data(tmp_path_factory.mktemp("gpt2data"), 20_000, "gpt2")
 
 
-def finetune_config(data: Path, init_from: str, **model):
+def finetune_config(data: Path, init_from: str):
     return build_config({"model": {"preset": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": CONTEXT,
-                                   "dropout": 0.1, **model},
+                                   "dropout": 0.1},
                          "data": {"dir": str(data)}, "train": {"init_from": init_from, "device": "cpu"}})
 
 
