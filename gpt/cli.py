@@ -264,6 +264,9 @@ def info(
         raise GptError("give a dataset / run / checkpoint folder or --preset NAME (one of them)")
     if preset is not None:
         model = build_config({"model": {"preset": preset}}).model
+        if model.vocab_size is None:
+            raise GptError(f"preset {preset} takes its vocabulary size from the data, so its size is not fixed; "
+                           "describe a run or dataset instead")
         _print_info({"preset": preset, "model": _model_info(model)}, as_json)
         return
     folder = Path(path)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tiktoken.load import load_tiktoken_bpe
 
 from gpt.checkpoint import (
     WEIGHTS,
@@ -36,7 +37,7 @@ from gpt.config import Config, ModelConfig, build_config
 from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.shards import fsync_path
-from gpt.tokenizer import CharTokenizer, gpt2_encoding, tokenizer_from_json
+from gpt.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, tokenizer_from_json
 
 HF_PREFIX = "hf:"
 GPT2_VOCAB = 50257
@@ -235,6 +236,9 @@ def read_nanogpt(ckpt_path: str | Path, meta_path: str | Path | None = None) -> 
         tokenizer = CharTokenizer("".join(chars))
         # Our char ids follow the sorted vocabulary; take each character's row from nanoGPT's id.
         rows = [chars.index(ch) for ch in tokenizer.vocab]
+        if len(rows) > config.vocab_size:
+            raise GptError(f"{meta_path} has {len(rows)} characters but the model only {config.vocab_size} ids; "
+                           "give the meta.pkl of the same run")
     elif config.vocab_size >= GPT2_VOCAB:
         tokenizer = tokenizer_from_json({"name": "gpt2"})
         # nanoGPT pads GPT-2's vocabulary (to 50304) for speed; the padding ids are never
@@ -243,9 +247,6 @@ def read_nanogpt(ckpt_path: str | Path, meta_path: str | Path | None = None) -> 
     else:
         raise GptError(f"{ckpt_path}: vocab_size {config.vocab_size} is not GPT-2's; "
                        "for a character-level run pass its meta.pkl with --meta")
-    if max(rows) >= config.vocab_size:
-        raise GptError(f"{meta_path} has {len(rows)} characters but the model only {config.vocab_size} ids; "
-                       "give the meta.pkl of the same run")
     weights, config = _keep_vocab_rows(weights, config, rows)
     state = {"iter": ckpt.get("iter_num", 0), "tokens": 0, "best_val_loss": ckpt.get("best_val_loss"),
              "converted_from": str(ckpt_path)}
@@ -265,6 +266,9 @@ def _keep_vocab_rows(weights: dict[str, torch.Tensor], config: ModelConfig,
     return kept, dataclasses.replace(config, vocab_size=len(rows))
 
 
+PLAIN_ONLY = "a meta.pkl may hold only dicts, lists, strings and ints"
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Builds dicts, lists, strings and numbers only: any class or function is refused."""
 
@@ -279,7 +283,8 @@ def read_plain_pickle(path: Path) -> Any:
     try:
         value = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as exc:  # a malformed pickle can fail in many ways; all mean "refuse it"
-        raise GptError(f"{path} was refused: {exc}; a meta.pkl may hold only dicts, lists, strings and ints") from None
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:160]
+        raise GptError(f"{path} was refused: {reason}; {PLAIN_ONLY}") from None
     stack = [value]
     while stack:
         item = stack.pop()
@@ -288,8 +293,7 @@ def read_plain_pickle(path: Path) -> Any:
         elif isinstance(item, list):
             stack.extend(item)
         elif not isinstance(item, (str, int)):
-            raise GptError(f"{path} was refused: it holds a {type(item).__name__}; "
-                           "a meta.pkl may hold only dicts, lists, strings and ints")
+            raise GptError(f"{path} was refused: it holds a {type(item).__name__}; {PLAIN_ONLY}")
     return value
 
 
@@ -378,11 +382,11 @@ def gpt2_tokenizer_files() -> dict[str, str]:
     Hugging Face spells each token's bytes with one printable character per byte, and lists
     the merges in rank order; a token's merge is the pair that BPE, using only merges of lower
     rank, leaves it as."""
-    ranks = gpt2_encoding()._mergeable_ranks
+    ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
     spell = _byte_spelling()
     text = {token: "".join(spell[b] for b in token) for token in ranks}
     vocab = {text[token]: rank for token, rank in ranks.items()}
-    vocab["<|endoftext|>"] = gpt2_encoding().eot_token
+    vocab[EOT_TEXT] = len(ranks)  # as in gpt.tokenizer.gpt2_encoding
     merges = [" ".join(text[part] for part in _last_merge(token, ranks))
               for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
     return {"vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
@@ -404,6 +408,6 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """Run BPE on the token's bytes, lowest-ranked pair first, until two parts remain."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
-        _, i = min((ranks.get(parts[i] + parts[i + 1], len(ranks)), i) for i in range(len(parts) - 1))
+        _, i = min((ranks.get(parts[j] + parts[j + 1], len(ranks)), j) for j in range(len(parts) - 1))
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts[0], parts[1]

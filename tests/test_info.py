@@ -32,7 +32,8 @@ def test_info_preset_prints_size_and_flops(cli):
 
 @pytest.mark.parametrize("args, message", [([], "give a dataset / run / checkpoint folder or --preset"),
                                            (["runs/x", "--preset", "gpt2"], "one of them"),
-                                           (["--preset", "gtp2"], "did you mean 'gpt2'")])
+                                           (["--preset", "gtp2"], "did you mean 'gpt2'"),
+                                           (["--preset", "tiny"], "takes its vocabulary size from the data")])
 def test_info_needs_one_thing_to_describe(cli, args, message):
     code, _, err = cli("info", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
