@@ -30,7 +30,7 @@ _GPT2_COMMON = dict(block_size=1024, vocab_size=50257, pos_encoding="learned", a
 # changes no parameter count. The table lists GPT-3 XL as 2048 wide with 24 heads and 13B as
 # 5140 wide, neither divisible by its head count; we keep the listed head size (128) and take
 # 16 heads for XL and 5120 = 40 x 128 for 13B. Every GPT-3 preset is within 2% of the paper's
-# parameter count (tests/test_convert.py checks it).
+# parameter count (tests/test_info.py checks it).
 _GPT3_COMMON = dict(_GPT2_COMMON, block_size=2048)
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-1 (Radford et al. 2018): post-norm blocks, BPE vocabulary of 40,478, 512 context.
