@@ -9,12 +9,13 @@ weights are safetensors and the training state is read with `torch.load(weights_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -69,21 +70,16 @@ def _atomic_link(link: Path, target: str) -> None:
 
 def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
                   training: dict | None = None) -> None:
-    """Write a complete folder at `final` through `final.tmp` and a rename. A failed write
-    (disk full, no permission) removes the partial copy and ends the run with one line: a
-    run that goes on without saving would lose everything after the last checkpoint."""
-    tmp = final.with_name(final.name + ".tmp")
+    """Write a complete checkpoint folder at `final` (through a temporary one and a rename). A
+    failed write (disk full, no permission) leaves no partial copy and ends the run with one
+    line: a run that goes on without saving would lose everything after the last checkpoint."""
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write_model_files(tmp, model, config, tokenizer, state)
-        if training is not None:
-            torch.save(training, tmp / RunFolder.TRAINING)
-            fsync_path(tmp / RunFolder.TRAINING)
-        fsync_path(tmp)
-        tmp.rename(final)
-        fsync_path(final.parent)
+        with replacing_folder(final) as tmp:
+            _write_model_files(tmp, model, config, tokenizer, state)
+            if training is not None:
+                torch.save(training, tmp / RunFolder.TRAINING)
+                fsync_path(tmp / RunFolder.TRAINING)
     except (OSError, SafetensorError, RuntimeError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:160]
         raise GptError(f"cannot write checkpoint {final} ({reason}); free disk space or choose another "
                        "train.out_dir, then resume: the previous checkpoint is intact") from None
@@ -105,13 +101,32 @@ def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: Token
     return final
 
 
-def save_model(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
-    """Write a weights-only checkpoint folder (what `gpt sample`, `gpt info` and
-    `train.init_from` read) atomically; refuses to replace an existing folder."""
-    if folder.exists():
-        raise GptError(f"{folder} already exists; remove it or choose another output folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _write_folder(folder, model, config, tokenizer, state)
+def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+    """Write (or replace) a weights-only checkpoint folder, which `gpt sample`, `gpt info` and
+    `train.init_from` accept."""
+    with replacing_folder(folder) as tmp:
+        _write_model_files(tmp, model, config, tokenizer, state)
+
+
+@contextlib.contextmanager
+def replacing_folder(final: Path) -> Iterator[Path]:
+    """Yield a path beside `final` to write a new folder at. When the block succeeds the new
+    folder is fsynced and replaces `final` (an old one is moved aside first, then deleted);
+    when it fails the new folder is removed. Readers see the old folder or the new one,
+    never a half-written one."""
+    tmp, old = final.with_name(f"{final.name}.tmp"), final.with_name(f"{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
@@ -160,20 +175,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_weights(model: GPT, folder: Path) -> None:
-    """Load safetensors weights into `model`. A model on the meta device gets the loaded
-    tensors assigned (no copy); a real one is copied into, so that an optimizer already
-    holding its parameters keeps updating the same tensors."""
+    """Load a checkpoint folder's safetensors weights into `model` (see `assign_weights`)."""
+    assign_weights(model, read_weights(folder), folder)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's model.safetensors, by name."""
     try:
-        weights = load_file(str(folder / WEIGHTS))
+        return load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise GptError(f"{folder / WEIGHTS} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def assign_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load named tensors into `model`. A model on the meta device gets the tensors assigned
+    (no copy); a real one is copied into, so that an optimizer already holding its
+    parameters keeps updating the same tensors."""
     if model.config.tie_embeddings and "wte.weight" in weights:
-        weights["lm_head.weight"] = weights["wte.weight"]
+        weights = {**weights, "lm_head.weight": weights["wte.weight"]}
     try:
         model.load_state_dict(weights, strict=True, assign=next(model.parameters()).is_meta)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise GptError(f"{folder}: weights do not fit the model config ({first})") from None
+        raise GptError(f"{source}: weights do not fit the model config ({first})") from None
     model.tie_weights()
 
 
@@ -186,14 +210,18 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> GP
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
-    """Optimizer, scaler and per-rank sampler and RNG states. weights_only=True refuses
-    anything but tensors and plain containers, so a tampered file cannot run code."""
-    path = folder / RunFolder.TRAINING
+    """Optimizer, scaler and per-rank sampler and RNG states."""
+    state = safe_torch_load(folder / RunFolder.TRAINING)
+    if not isinstance(state, dict):
+        raise GptError(f"{folder / RunFolder.TRAINING} was refused: not a checkpoint's training state")
+    return state
+
+
+def safe_torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True, which refuses anything but tensors and plain
+    containers, so a tampered file cannot run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or hostile file can fail anywhere in torch's unpickler
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None
-    if not isinstance(state, dict):
-        raise GptError(f"{path} was refused: not a checkpoint's training state")
-    return state

@@ -237,25 +237,122 @@ def _user_turns(tty: bool) -> Iterator[str]:
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="A dataset folder (meta.json) or a run / checkpoint folder.")) -> None:
-    """Describe a dataset or a training run."""
+def info(
+    path: Optional[str] = typer.Argument(None, help="A dataset folder (meta.json) or a run / checkpoint folder."),
+    preset: Optional[str] = typer.Option(None, help="Describe a model preset instead (e.g. gpt2, gpt3-175b)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts)."),
+) -> None:
+    """Describe a dataset, a training run or a model preset (parameters and FLOPs per token)."""
+    if (path is None) == (preset is None):
+        raise GptError("give a dataset / run / checkpoint folder or --preset NAME (one of them)")
+    if preset is not None:
+        model = build_config({"model": {"preset": preset}}).model
+        if model.vocab_size is None:
+            raise GptError(f"preset {preset} takes its vocabulary size from the data, so its size is not fixed; "
+                           "describe a run or dataset instead")
+        _print_info({"preset": preset, "model": _model_info(model)}, as_json)
+        return
     folder = Path(path)
     if (folder / "meta.json").is_file():
         from gpt.shards import load_dataset
 
-        _print_dataset(load_dataset(folder))
+        dataset = load_dataset(folder)
+        if as_json:
+            print(json.dumps({"dataset": str(dataset.folder), **dataset.meta.to_json()}, ensure_ascii=False))
+        else:
+            _print_dataset(dataset)
         return
     from gpt.checkpoint import read_checkpoint
     from gpt.formats import RunFolder
 
     ckpt = read_checkpoint(folder)
-    model = ckpt.config.model
-    print(f"checkpoint {ckpt.path}: iter {ckpt.state.get('iter')}, tokens {ckpt.state.get('tokens', 0):,}")
-    print(f"  model: {model.n_layer} layers, {model.n_head} heads, {model.n_embd} wide, context "
-          f"{model.block_size}, vocab {model.vocab_size}, {model.pos_encoding} positions")
-    print(f"  tokenizer: {ckpt.tokenizer_spec.name}; losses: {ckpt.state.get('losses')}")
-    for other in RunFolder(folder).checkpoints():
-        print(f"  {other.name}")
+    _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state, "tokenizer": ckpt.tokenizer_spec.name,
+                 "model": _model_info(ckpt.config.model),
+                 "checkpoints": [other.name for other in RunFolder(folder).checkpoints()]}, as_json)
+
+
+def _model_info(model) -> dict:
+    """The model's settings with its parameter count and FLOPs per token (counted on the meta device)."""
+    from gpt.model import size_on_meta
+
+    params, flops = size_on_meta(model)
+    return {**dataclasses.asdict(model), "params": params, "flops_per_token": flops}
+
+
+def _print_info(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, ensure_ascii=False))
+        return
+    model, state = info["model"], info.get("state", {})
+    if "checkpoint" in info:
+        print(f"checkpoint {info['checkpoint']}: iter {state.get('iter')}, tokens {state.get('tokens', 0):,}")
+    else:
+        print(f"preset {info['preset']}")
+    print(f"  model: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, context "
+          f"{model['block_size']}, vocab {model['vocab_size']}, {model['pos_encoding']} positions")
+    params = model["params"]
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    print(f"  {params:,} parameters ({size}), {model['flops_per_token']:.3g} training FLOPs per token "
+          "(forward + backward at full context)")
+    if "checkpoint" in info:
+        print(f"  tokenizer: {info['tokenizer']}; losses: {state.get('losses')}")
+    for name in info.get("checkpoints", []):
+        print(f"  {name}")
+
+
+convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Import and export weights: Hugging Face GPT-2 folders, nanoGPT checkpoints. Offline.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("from-hf")
+def convert_from_hf(
+    folder: str = typer.Argument(..., help="A Hugging Face GPT-2 folder: config.json + model.safetensors "
+                                 "(or pytorch_model.bin)."),
+    out_dir: str = typer.Argument(..., help="Checkpoint folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
+) -> None:
+    """Import a Hugging Face GPT-2 folder as a checkpoint for gpt sample / info / train.init_from."""
+    from gpt.convert import check_out_dir, read_hf, save_imported
+
+    check_out_dir(Path(out_dir), overwrite)
+    _report_import(save_imported(read_hf(folder), out_dir), folder, out_dir)
+
+
+@convert_app.command("from-nanogpt")
+def convert_from_nanogpt(
+    ckpt: str = typer.Argument(..., help="nanoGPT's ckpt.pt (read with weights_only=True)."),
+    out_dir: str = typer.Argument(..., help="Checkpoint folder to write."),
+    meta: Optional[str] = typer.Option(None, help="The run's meta.pkl (stoi/itos) for a character-level model."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
+) -> None:
+    """Import a nanoGPT checkpoint (GPT-2 BPE, or characters with --meta)."""
+    from gpt.convert import check_out_dir, read_nanogpt, save_imported
+
+    check_out_dir(Path(out_dir), overwrite)
+    _report_import(save_imported(read_nanogpt(ckpt, meta), out_dir), ckpt, out_dir)
+
+
+@convert_app.command("to-hf")
+def convert_to_hf(
+    checkpoint: str = typer.Argument(..., help="Run folder (its newest checkpoint) or a checkpoint folder."),
+    out_dir: str = typer.Argument(..., help="Hugging Face folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
+) -> None:
+    """Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel.from_pretrained loads it)."""
+    from gpt.convert import check_out_dir, export_hf
+
+    check_out_dir(Path(out_dir), overwrite)
+    model = export_hf(checkpoint, out_dir)
+    print(f"wrote {out_dir}: GPT-2 with {model.num_params():,} parameters; load it with "
+          f"transformers.GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
+
+
+def _report_import(model, source: str, out_dir: str) -> None:
+    c = model.config
+    print(f"wrote {out_dir}: {c.n_layer} layers, {c.n_embd} wide, context {c.block_size}, vocab {c.vocab_size}, "
+          f"{model.num_params():,} parameters, from {source}")
+    print(f"try: gpt sample {shlex.quote(str(out_dir))} --prompt 'Hello'")
 
 
 def main() -> None:

@@ -21,8 +21,17 @@ import yaml
 from gpt.errors import GptError
 
 # Architectures from the papers. Fields not named here keep ModelConfig's defaults.
-_GPT2_COMMON = dict(block_size=1024, vocab_size=50257, pos_encoding="learned", activation="gelu",
-                    norm="layernorm", norm_position="pre", bias=True, tie_embeddings=True)
+# GPT-2's MLP uses the tanh approximation of GELU (`gelu_new` in Hugging Face) and LayerNorm
+# eps 1e-5; both matter for reproducing its released weights exactly.
+_GPT2_COMMON = dict(block_size=1024, vocab_size=50257, pos_encoding="learned", activation="gelu_tanh",
+                    norm="layernorm", norm_eps=1e-5, norm_position="pre", bias=True, tie_embeddings=True)
+# GPT-3 (Brown et al. 2020, table 2.1): GPT-2's blocks with a 2048 context. Its alternating
+# locally banded sparse attention layers are not modelled: every layer attends densely, which
+# changes no parameter count. The table lists GPT-3 XL as 2048 wide with 24 heads and 13B as
+# 5140 wide, neither divisible by its head count; we keep the listed head size (128) and take
+# 16 heads for XL and 5120 = 40 x 128 for 13B. Every GPT-3 preset is within 2% of the paper's
+# parameter count (tests/test_info.py checks it).
+_GPT3_COMMON = dict(_GPT2_COMMON, block_size=2048)
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-1 (Radford et al. 2018): post-norm blocks, BPE vocabulary of 40,478, 512 context.
     "gpt1": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478,
@@ -32,6 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2_COMMON),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2_COMMON),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2_COMMON),
+    "gpt3-small": dict(n_layer=12, n_head=12, n_embd=768, **_GPT3_COMMON),
+    "gpt3-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_GPT3_COMMON),
+    "gpt3-large": dict(n_layer=24, n_head=16, n_embd=1536, **_GPT3_COMMON),
+    "gpt3-xl": dict(n_layer=24, n_head=16, n_embd=2048, **_GPT3_COMMON),
+    "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, **_GPT3_COMMON),
+    "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, **_GPT3_COMMON),
+    "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5120, **_GPT3_COMMON),
+    "gpt3-175b": dict(n_layer=96, n_head=96, n_embd=12288, **_GPT3_COMMON),
     # Tiny models for a laptop CPU; the vocabulary comes from the data.
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
     "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
@@ -61,8 +78,10 @@ class ModelConfig:
     block_size: int = option(256, "context length in tokens; longer prompts are cropped")
     vocab_size: Optional[int] = option(None, "vocabulary size; null takes it from the data's meta.json")
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = option("learned", "position encoding")
-    activation: Literal["gelu", "relu"] = option("gelu", "MLP non-linearity")
+    activation: Literal["gelu", "gelu_tanh", "relu"] = option(
+        "gelu", "MLP non-linearity: exact GELU, its tanh approximation (GPT-2's), or ReLU")
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalisation layer")
+    norm_eps: float = option(1e-5, "epsilon added to the variance in every norm layer")
     norm_position: Literal["pre", "post"] = option(
         "pre", "norm before each sublayer (GPT-2) or after the residual add (GPT-1)")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
@@ -84,6 +103,7 @@ class ModelConfig:
                  "model.pos_encoding=sinusoidal needs an even model.n_embd")
         _require(self.vocab_size is None or self.vocab_size >= 2,
                  f"model.vocab_size must be at least 2, got {self.vocab_size}")
+        _require(self.norm_eps > 0, f"model.norm_eps must be positive, got {self.norm_eps}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _require(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
                  f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
@@ -120,7 +140,8 @@ class TrainConfig:
     keep_last: int = option(3, "checkpoints to keep (older ones are deleted)")
     save_best: bool = option(True, "also keep the weights with the lowest val loss in best/")
     log_interval: int = option(10, "write a metrics row every this many steps")
-    init_from: Optional[str] = option(None, "checkpoint to fine-tune from (its weights; fresh optimizer)")
+    init_from: Optional[str] = option(None, "checkpoint to fine-tune from (its weights; fresh optimizer), "
+                                      "or hf:DIR for a Hugging Face GPT-2 folder on disk")
     peak_flops: Optional[float] = option(None, "device peak FLOP/s for MFU; null guesses from the device")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
 

@@ -91,7 +91,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[config.activation]
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
@@ -102,8 +102,8 @@ class MLP(nn.Module):
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -215,3 +215,11 @@ class GPT(nn.Module):
         unembedded, which matters with a 50k vocabulary."""
         x = self.hidden_states(idx, cache)
         return self.lm_head(x[:, -1, :])
+
+
+def size_on_meta(config: ModelConfig) -> tuple[int, int]:
+    """Parameters and training FLOPs per token of the model `config` describes, counted on the
+    meta device: nothing is allocated, so even a 175B model is measured in a moment."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.num_params(), model.flops_per_token()

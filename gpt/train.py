@@ -23,6 +23,7 @@ import torch
 from gpt import distributed
 from gpt.checkpoint import (
     Checkpoint,
+    assign_weights,
     load_training_state,
     load_weights,
     read_checkpoint,
@@ -30,6 +31,7 @@ from gpt.checkpoint import (
     save_checkpoint,
 )
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
+from gpt.convert import ImportedModel, read_model_source
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.durable import FolderLock
 from gpt.errors import GptError
@@ -254,17 +256,18 @@ def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
         print("resuming with these config changes:\n" + "\n".join(diff))
 
 
-def check_init_from(path: str, config: Config, dataset: Dataset) -> Checkpoint:
-    """Fine-tuning start: another run's checkpoint, checked against this model and data."""
-    source = read_checkpoint(path)
-    changed = shape_differences(source.config.model, config.model)
+def check_init_from(path: str, config: Config, dataset: Dataset) -> ImportedModel:
+    """Fine-tuning start: the weights of another run (or of a Hugging Face GPT-2 folder,
+    `hf:DIR`), checked against this model and data."""
+    source = read_model_source(path)
+    changed = shape_differences(source.config, config.model)
     if changed:
-        detail = ", ".join(f"model.{n}={getattr(source.config.model, n)!r} (here {getattr(config.model, n)!r})"
+        detail = ", ".join(f"model.{n}={getattr(source.config, n)!r} (here {getattr(config.model, n)!r})"
                            for n in changed)
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
                        "use the checkpoint's model settings")
-    if source.tokenizer_spec != dataset.meta.tokenizer:
-        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer_spec.name} tokenizer "
+    if source.tokenizer != dataset.meta.tokenizer:
+        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
                        f"differs from the data's {dataset.meta.tokenizer.name}; prepare the data "
                        "with the checkpoint's tokenizer")
     return source
@@ -361,7 +364,7 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     torch.manual_seed(tc.seed + dist.rank)
     model = GPT(config.model)
     if source is not None:
-        load_weights(model, source.path)
+        assign_weights(model, source.weights, tc.init_from)
     model.to(device)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

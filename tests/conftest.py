@@ -29,13 +29,17 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def shakespeare_data(folder: Path, chars: int, tokenizer: str) -> Path:
+    """A dataset of the first `chars` characters of tiny Shakespeare, with a val split."""
+    text = folder / f"shakespeare_{chars}.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return prepare(PrepareOptions(sources=[str(text)], tokenizer=tokenizer, out=str(folder / tokenizer), workers=1))
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
     """The first 100 kB of tiny Shakespeare, char-level, with a val split."""
-    folder = tmp_path_factory.mktemp("data")
-    text = folder / "shakespeare_100k.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
-    return prepare(PrepareOptions(sources=[str(text)], tokenizer="char", out=str(folder / "char"), workers=1))
+    return shakespeare_data(tmp_path_factory.mktemp("data"), 100_000, "char")
 
 
 def tiny_config(data_dir: Path, out_dir: Path, **train):

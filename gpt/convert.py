@@ -1,0 +1,414 @@
+"""Import and export weights: Hugging Face GPT-2 folders and nanoGPT checkpoints, offline.
+
+Both formats hold GPT-2's tensors under GPT-2's names, with or without a `transformer.` prefix:
+    wte, wpe, h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f, lm_head
+Hugging Face stores the four projection matrices as Conv1D, shaped (in, out): the transpose of
+nn.Linear's (out, in), which nanoGPT and this package use. Files are read as safetensors or
+with `torch.load(weights_only=True)`; a nanoGPT meta.pkl goes through an unpickler that builds
+nothing but dicts, lists, strings and ints. Nothing here uses the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tiktoken.load import load_tiktoken_bpe
+
+from gpt.checkpoint import (
+    WEIGHTS,
+    assign_weights,
+    load_model,
+    read_checkpoint,
+    read_weights,
+    replacing_folder,
+    safe_torch_load,
+    save_model_folder,
+)
+from gpt.config import Config, ModelConfig, build_config
+from gpt.durable import fsync_path
+from gpt.errors import GptError
+from gpt.model import GPT
+from gpt.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
+
+HF_PREFIX = "hf:"
+GPT2_VOCAB = 50257
+# Our tokenizer.json, kept beside an export whose tokenizer Hugging Face's GPT-2 files cannot
+# describe (char, byte), so that importing the folder again restores it.
+TOKENIZER_SIDECAR = "gpt_tokenizer.json"
+# Hugging Face activation names -> ours. gelu_new, gelu_pytorch_tanh and gelu_fast are all
+# the tanh approximation; "gelu" is the exact erf form.
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu", "relu": "relu"}
+EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# GPT2Config's defaults, for config.json files that leave a field out.
+HF_DEFAULTS = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=GPT2_VOCAB,
+                   activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+# Per block: our module name, GPT-2's, and whether its weight is a projection matrix (Conv1D).
+BLOCK_NAMES = [("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+               ("norm2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]
+
+
+@dataclass
+class ImportedModel:
+    """A model read from elsewhere: its architecture, tokenizer and weights under our names."""
+
+    config: ModelConfig
+    tokenizer: TokenizerSpec
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+def _gpt2_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """Our tensor name -> (GPT-2's name without the `transformer.` prefix, is a projection)."""
+    names = {"wte.weight": ("wte.weight", False), "wpe.weight": ("wpe.weight", False),
+             "norm_f.weight": ("ln_f.weight", False), "norm_f.bias": ("ln_f.bias", False)}
+    for i in range(config.n_layer):
+        for ours, theirs, projection in BLOCK_NAMES:
+            names[f"blocks.{i}.{ours}.weight"] = (f"h.{i}.{theirs}.weight", projection)
+            names[f"blocks.{i}.{ours}.bias"] = (f"h.{i}.{theirs}.bias", False)
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", False)
+    return names
+
+
+def _short_name(name: str) -> str:
+    """GPT-2's name without torch.compile's `_orig_mod.` (nanoGPT) or the `transformer.` prefix."""
+    return name.removeprefix("_orig_mod.").removeprefix("transformer.")
+
+
+def _skipped(name: str, config: ModelConfig) -> bool:
+    """The attention mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`) are not weights,
+    and a tied output matrix is the token embedding again."""
+    parts = name.split(".")
+    mask_buffer = len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+    return mask_buffer or (name == "lm_head.weight" and config.tie_embeddings)
+
+
+def _from_gpt2_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, conv1d: bool,
+                      source: str) -> dict[str, torch.Tensor]:
+    """Rename GPT-2-named tensors to ours (transposing Conv1D projections) as float32, checking
+    that every tensor the config implies is there with its shape and that nothing is left over."""
+    given = {_short_name(k): v for k, v in tensors.items() if not _skipped(_short_name(k), config)}
+    names = _gpt2_names(config)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    weights = {}
+    for ours, shape in expected.items():
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            continue
+        theirs, projection = names[ours]
+        transpose = projection and conv1d
+        if theirs not in given:
+            raise GptError(f"{source} has no tensor {theirs}; the file is incomplete or not a GPT-2 model")
+        tensor = given.pop(theirs)
+        stored_shape = shape[::-1] if transpose else shape
+        if tuple(tensor.shape) != stored_shape:
+            raise GptError(f"{source}: {theirs} has shape {list(tensor.shape)} but the config implies "
+                           f"{list(stored_shape)}; the weights and the config do not belong together")
+        weights[ours] = (tensor.t() if transpose else tensor).float().contiguous()
+    if given:
+        raise GptError(f"{source} holds a tensor this GPT-2 config has no place for: {sorted(given)[0]}; "
+                       "the weights and the config do not belong together")
+    return weights
+
+
+def _to_gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face GPT2LMHeadModel's names, projections as Conv1D. GPT-2
+    always has biases: a model without them gets zero biases, which change nothing."""
+    state = model.state_dict()
+    tensors = {}
+    for ours, (theirs, projection) in _gpt2_names(model.config).items():
+        tensor = state.get(ours)
+        if tensor is None:
+            tensor = torch.zeros(state[ours.removesuffix(".bias") + ".weight"].shape[0])
+        key = theirs if theirs == "lm_head.weight" else f"transformer.{theirs}"
+        tensors[key] = (tensor.t() if projection else tensor).detach().float().contiguous()
+    return tensors
+
+
+# ----------------------------------------------------------------------------- Hugging Face in
+
+def read_hf(folder: str | Path) -> ImportedModel:
+    """A Hugging Face GPT-2 folder on disk (config.json + model.safetensors or pytorch_model.bin)."""
+    folder = Path(folder)
+    hf = _read_json(folder / "config.json", "a Hugging Face model folder")
+    config = _config_from_hf(hf, folder / "config.json")
+    weights_file, tensors = _read_hf_weights(folder)
+    weights = _from_gpt2_tensors(tensors, config, conv1d=True, source=str(weights_file))
+    sidecar = folder / TOKENIZER_SIDECAR
+    spec = (TokenizerSpec.from_json(_read_json(sidecar, "our tokenizer description"), str(sidecar))
+            if sidecar.is_file() else TokenizerSpec("gpt2"))
+    tokenizer = spec.build()
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptError(f"{folder}: vocab_size {config.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
+                       f"{tokenizer.vocab_size}; the model cannot read that tokenizer's ids")
+    return ImportedModel(config, spec, weights, {"iter": 0, "tokens": 0, "converted_from": str(folder)})
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise GptError(f"{path} not found; give {what}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptError(f"{path} is not valid JSON ({exc}); download it again") from None
+    if not isinstance(value, dict):
+        raise GptError(f"{path} must hold a JSON object")
+    return value
+
+
+def _config_from_hf(hf: dict[str, Any], path: Path) -> ModelConfig:
+    """Our model config for a Hugging Face GPT2Config, or one line naming what GPT-2 in this
+    package cannot express."""
+    if hf.get("model_type") != "gpt2":
+        raise GptError(f"{path}: model_type {hf.get('model_type')!r} is not GPT-2; only gpt2 models can be imported")
+    hf = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    unsupported = [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+                   ("add_cross_attention", True)]
+    for key, bad in unsupported:
+        if hf.get(key) is bad:
+            raise GptError(f"{path}: {key}={json.dumps(bad)} is not supported; only standard GPT-2 attention is")
+    if hf.get("n_inner", 4 * hf["n_embd"]) != 4 * hf["n_embd"]:
+        raise GptError(f"{path}: n_inner={hf['n_inner']} is not supported; the MLP is 4 x n_embd wide")
+    if hf["activation_function"] not in HF_ACTIVATIONS:
+        raise GptError(f"{path}: activation_function {hf['activation_function']!r} is not supported; "
+                       f"use one of {', '.join(HF_ACTIVATIONS)}")
+    model = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                 block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                 activation=HF_ACTIVATIONS[hf["activation_function"]], norm_eps=hf["layer_norm_epsilon"],
+                 pos_encoding="learned", norm="layernorm", norm_position="pre", bias=True,
+                 tie_embeddings=hf["tie_word_embeddings"], dropout=0.0)
+    try:
+        return build_config({"model": model}).model
+    except GptError as exc:
+        raise GptError(f"{path}: {exc}") from None
+
+
+def _read_hf_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    safetensors, pickled = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if safetensors.is_file():
+        try:
+            return safetensors, load_file(str(safetensors))
+        except (OSError, SafetensorError) as exc:
+            raise GptError(f"{safetensors} cannot be read ({exc}); download it again") from None
+    if pickled.is_file():
+        tensors = safe_torch_load(pickled)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise GptError(f"{pickled} is not a state dict of tensors; download it again")
+        return pickled, tensors
+    sharded = " (sharded checkpoints are not supported)" if any(folder.glob("*.index.json")) else ""
+    raise GptError(f"{folder} has no model.safetensors or pytorch_model.bin{sharded}; "
+                   "download the model's weights into it")
+
+
+# ----------------------------------------------------------------------------- nanoGPT in
+
+def read_nanogpt(ckpt_path: str | Path, meta_path: str | Path | None = None) -> ImportedModel:
+    """A nanoGPT ckpt.pt and, for character-level runs, its meta.pkl (stoi/itos)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise GptError(f"{ckpt_path} not found; give the ckpt.pt of a nanoGPT run (its out_dir)")
+    ckpt = safe_torch_load(ckpt_path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
+        raise GptError(f"{ckpt_path} is not a nanoGPT checkpoint (no model and model_args); give nanoGPT's ckpt.pt")
+    args = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}
+    # nanoGPT: learned positions, pre-norm LayerNorm (eps 1e-5), exact GELU, tied embeddings.
+    model = {key: args.get(key) for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    model.update(bias=args.get("bias", True), activation="gelu", norm_eps=1e-5, pos_encoding="learned",
+                 norm="layernorm", norm_position="pre", tie_embeddings=True, dropout=0.0)
+    try:
+        config = build_config({"model": model}).model
+    except GptError as exc:
+        raise GptError(f"{ckpt_path}: model_args: {exc}") from None
+    weights = _from_gpt2_tensors(ckpt["model"], config, conv1d=False, source=str(ckpt_path))
+    if meta_path is not None:
+        chars = _char_vocab(Path(meta_path))
+        tokenizer = CharTokenizer("".join(chars))
+        # Our char ids follow the sorted vocabulary; take each character's row from nanoGPT's id.
+        rows = [chars.index(ch) for ch in tokenizer.vocab]
+        if len(rows) > config.vocab_size:
+            raise GptError(f"{meta_path} has {len(rows)} characters but the model only {config.vocab_size} ids; "
+                           "give the meta.pkl of the same run")
+    elif config.vocab_size >= GPT2_VOCAB:
+        tokenizer = TokenizerSpec("gpt2").build()
+        # nanoGPT pads GPT-2's vocabulary (to 50304) for speed; the padding ids are never
+        # produced by the tokenizer, and dropping their rows leaves every real logit unchanged.
+        rows = list(range(GPT2_VOCAB))
+    else:
+        raise GptError(f"{ckpt_path}: vocab_size {config.vocab_size} is not GPT-2's; "
+                       "for a character-level run pass its meta.pkl with --meta")
+    weights, config = _keep_vocab_rows(weights, config, rows)
+    state = {"iter": ckpt.get("iter_num", 0), "tokens": 0, "best_val_loss": ckpt.get("best_val_loss"),
+             "converted_from": str(ckpt_path)}
+    return ImportedModel(config, tokenizer.spec, weights, _plain_numbers(state))
+
+
+def _plain_numbers(state: dict[str, Any]) -> dict[str, Any]:
+    """nanoGPT keeps best_val_loss as a tensor; state.json wants plain numbers."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _keep_vocab_rows(weights: dict[str, torch.Tensor], config: ModelConfig,
+                     rows: list[int]) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Keep (and order) the embedding and output rows of these token ids."""
+    index = torch.tensor(rows)
+    kept = {k: v[index].contiguous() if k in ("wte.weight", "lm_head.weight") else v for k, v in weights.items()}
+    return kept, dataclasses.replace(config, vocab_size=len(rows))
+
+
+PLAIN_ONLY = "a meta.pkl may hold only dicts, lists, strings and ints"
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings and numbers only: any class or function is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def read_plain_pickle(path: Path) -> Any:
+    """Unpickle a file that should hold only dicts, lists, strings and ints, or refuse it."""
+    if not path.is_file():
+        raise GptError(f"{path} not found; give the meta.pkl next to the run's data")
+    try:
+        value = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as exc:  # a malformed pickle can fail in many ways; all mean "refuse it"
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:160]
+        raise GptError(f"{path} was refused: {reason}; {PLAIN_ONLY}") from None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend([*item.keys(), *item.values()])
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, (str, int)):
+            raise GptError(f"{path} was refused: it holds a {type(item).__name__}; {PLAIN_ONLY}")
+    return value
+
+
+def _char_vocab(meta_path: Path) -> list[str]:
+    """nanoGPT's characters in id order, from meta.pkl's itos (id -> character)."""
+    meta = read_plain_pickle(meta_path)
+    itos = meta.get("itos") if isinstance(meta, dict) else None
+    if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))) or not itos:
+        raise GptError(f"{meta_path} has no itos mapping ids 0..N-1 to characters; give a character-level meta.pkl")
+    chars = [itos[i] for i in range(len(itos))]
+    if not all(isinstance(ch, str) and len(ch) == 1 for ch in chars) or len(set(chars)) != len(chars):
+        raise GptError(f"{meta_path}: itos must map each id to a distinct single character")
+    return chars
+
+
+# ----------------------------------------------------------------------------- writing
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an earlier model folder, and that only with --overwrite."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise GptError(f"{out_dir} already exists; choose a new folder or pass --overwrite")
+    if not (out_dir / WEIGHTS).is_file():
+        raise GptError(f"{out_dir} is not a model folder (no {WEIGHTS}); --overwrite only replaces model folders")
+
+
+def save_imported(imported: ImportedModel, out_dir: str | Path) -> GPT:
+    """Write an imported model as one of our checkpoint folders; returns the model."""
+    with torch.device("meta"):
+        model = GPT(imported.config)
+    assign_weights(model, imported.weights, imported.state["converted_from"])
+    save_model_folder(Path(out_dir), model, Config(model=imported.config), imported.tokenizer, imported.state)
+    return model
+
+
+def read_model_source(source: str) -> ImportedModel:
+    """What `train.init_from` names: a run or checkpoint folder, or hf:DIR (converted in memory)."""
+    if source.startswith(HF_PREFIX):
+        return read_hf(source.removeprefix(HF_PREFIX))
+    checkpoint = read_checkpoint(source)
+    return ImportedModel(checkpoint.config.model, checkpoint.tokenizer_spec, read_weights(checkpoint.path),
+                         checkpoint.state)
+
+
+# ----------------------------------------------------------------------------- Hugging Face out
+
+def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
+    """Write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors and
+    the tokenizer's files) that transformers.GPT2LMHeadModel.from_pretrained loads as is."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    config = checkpoint.config.model
+    for field, value, needed in [("pos_encoding", config.pos_encoding, "learned"), ("norm", config.norm, "layernorm"),
+                                 ("norm_position", config.norm_position, "pre")]:
+        if value != needed:
+            raise GptError(f"model.{field}={value} cannot be expressed as Hugging Face GPT-2, which needs "
+                           f"model.{field}={needed}; only GPT-2-shaped models can be exported")
+    model = load_model(checkpoint)
+    tokenizer = checkpoint.tokenizer
+    files = gpt2_tokenizer_files() if tokenizer.name == "gpt2" else {
+        TOKENIZER_SIDECAR: json.dumps(checkpoint.tokenizer_spec.to_json(), ensure_ascii=False) + "\n"}
+    files["config.json"] = json.dumps(_hf_config(config, tokenizer.eot), indent=2) + "\n"
+    with replacing_folder(Path(out_dir)) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(_to_gpt2_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fsync_path(tmp / "model.safetensors")
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            fsync_path(tmp / name)
+    return model
+
+
+def _hf_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
+    attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": None, "activation_function": EXPORT_ACTIVATIONS[config.activation],
+            "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+            "attn_pdrop": attn_dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+            "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot}
+
+
+def gpt2_tokenizer_files() -> dict[str, str]:
+    """GPT-2's vocab.json and merges.txt, derived from the bundled tiktoken ranks.
+
+    Hugging Face spells each token's bytes with one printable character per byte, and lists
+    the merges in rank order; a token's merge is the pair that BPE, using only merges of lower
+    rank, leaves it as."""
+    ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
+    spell = _byte_spelling()
+    text = {token: "".join(spell[b] for b in token) for token in ranks}
+    vocab = {text[token]: rank for token, rank in ranks.items()}
+    vocab[EOT_TEXT] = len(ranks)  # as in gpt.tokenizer.gpt2_encoding
+    merges = [" ".join(text[part] for part in _last_merge(token, ranks))
+              for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+
+
+def _byte_spelling() -> list[str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the
+    others are moved to code points 256 and up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    spelling, moved = [], 0
+    for byte in range(256):
+        spelling.append(chr(byte) if byte in printable else chr(256 + moved))
+        moved += byte not in printable
+    return spelling
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """Run BPE on the token's bytes, lowest-ranked pair first, until two parts remain."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        _, i = min((ranks.get(parts[j] + parts[j + 1], len(ranks)), j) for j in range(len(parts) - 1))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
