@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional
 import typer
 
 from gpt import __version__
-from gpt.config import Config, SampleConfig, apply_overrides, build_config, config_help, load_config, to_dict
+from gpt.config import SECTIONS, Config, SampleConfig, apply_overrides, build_config, config_help, load_config, to_dict
 from gpt.errors import GptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -95,6 +95,9 @@ def train(
 def _train_config(args: List[str], resume: bool) -> Config:
     overrides = [a for a in args if "=" in a]
     paths = [a for a in args if "=" not in a]
+    for arg in paths[1:]:
+        if arg.partition(".")[0] in SECTIONS and not Path(arg).exists():
+            raise GptError(f"override {arg!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
     if len(paths) > 1:
         raise GptError(f"expected one config file, got {len(paths)}: {' '.join(paths)}")
     if not paths:
