@@ -291,7 +291,8 @@ def tokenize_text(
 @app.command("next")
 def next_token(
     checkpoint: str = typer.Argument(..., help="Run folder or ckpt_* folder."),
-    prompt: str = typer.Argument(..., help="Text before the token to predict ('' starts from end-of-text)."),
+    prompt: str = typer.Argument(..., help="Text before the token to predict ('' starts from end-of-text, "
+                                 "'-' reads stdin)."),
     top: int = typer.Option(10, help="Rows to show, most likely first."),
     temperature: Optional[float] = typer.Option(None, help="Default: the checkpoint's sample.temperature."),
     top_k: Optional[int] = typer.Option(None, help="Default: the checkpoint's sample.top_k."),
@@ -305,7 +306,7 @@ def next_token(
         raise GptError(f"--top must be at least 1, got {top}")
     model, tokenizer, ckpt = _load_for_inspection(checkpoint, device)
     cfg = _sample_settings(ckpt.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, seen = next_token_logits(model, tokenizer, prompt)
+    logits, seen = next_token_logits(model, tokenizer, _read_prompt(prompt, None))
     print(f"after {seen} prompt tokens; temperature {cfg.temperature:g}, top-k {cfg.top_k}, top-p {cfg.top_p:g}")
     print(format_next(filter_stages(logits, cfg.temperature, cfg.top_k, cfg.top_p), tokenizer, top))
 
@@ -313,7 +314,7 @@ def next_token(
 @app.command()
 def attention(
     checkpoint: str = typer.Argument(..., help="Run folder or ckpt_* folder."),
-    text: str = typer.Argument(..., help="Text whose attention to draw (at most block_size tokens)."),
+    text: str = typer.Argument(..., help="Text whose attention to draw (at most block_size tokens; '-' reads stdin)."),
     out: str = typer.Option(..., "--out", "-o", help="PNG file to write."),
     layer: int = typer.Option(0, help="Layer to draw, from 0."),
     head: Optional[int] = typer.Option(None, help="One head to draw, from 0 (default: all heads as a grid)."),
@@ -324,7 +325,7 @@ def attention(
 
     path = check_png_path(out)
     model, tokenizer, ckpt = _load_for_inspection(checkpoint, device)
-    print(draw_attention(model, tokenizer, text, layer, head, path, f"{ckpt.path}: layer {layer}"))
+    print(draw_attention(model, tokenizer, _read_prompt(text, None), layer, head, path, f"{ckpt.path}: layer {layer}"))
 
 
 @app.command()
