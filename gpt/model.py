@@ -66,13 +66,21 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x (B, T, C), each (B, n_head, T, head_size), rotary
+        positions applied to queries and keys."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x, rope)
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

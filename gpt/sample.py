@@ -38,12 +38,20 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torc
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
+    """The distribution (B, vocab) that the next token is drawn from: logits divided by the
+    temperature, filtered, softmaxed. Temperature 0 (greedy) puts all the mass on the argmax."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+
+
 def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, vocab). Temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
