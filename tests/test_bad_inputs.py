@@ -151,6 +151,15 @@ CASES = [
     ("convert-hf-other-architecture", ["convert", "from-hf", "{w}/llama", "{t}/out"], "model_type 'llama' is not"),
     ("convert-to-hf-corrupt", ["convert", "to-hf", "@config", "{t}/out"], "is incomplete or corrupt"),
     ("convert-out-exists", ["convert", "to-hf", "{w}/run", "{w}/data"], "already exists; choose a new folder"),
+    # look inside
+    ("tokenize-empty", ["tokenize", ""], "the text is empty"),
+    ("tokenize-two-sources", ["tokenize", "--tokenizer", "gpt2", "--data", "{w}/data", "hi"], "give only one of"),
+    ("next-missing", ["next", "{w}/nowhere", "To be"], "checkpoint not found"),
+    ("next-top-p", ["next", "{w}/run", "To be", "--top-p", "2"], "top_p must be in (0, 1]"),
+    ("attention-layer", ["attention", "{w}/run", "To be", "--layer", "9", "-o", "{t}/a.png"], "--layer 9 does not"),
+    ("attention-not-png", ["attention", "{w}/run", "To be", "-o", "{t}/a.jpg"], "give a file name ending in .png"),
+    ("embed-several-tokens", ["embed", "{w}/run", "To"], "is 2 tokens"),
+    ("embed-analogy-form", ["embed", "{w}/run", "--analogy", "a b c"], "is not of the form 'a - b + c'"),
 ]
 
 
@@ -177,5 +186,5 @@ def test_a_user_mistake_is_one_line_exit_2_and_leaves_no_trace(world, tmp_path, 
 
 def test_the_catalogue_covers_every_verb_and_forty_mistakes():
     verbs = {case[1][0] for case in CASES}
-    assert {"prepare", "train", "sample", "chat", "info", "convert"} <= verbs
+    assert {"prepare", "train", "sample", "chat", "info", "convert", "tokenize", "next", "attention", "embed"} <= verbs
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
