@@ -299,7 +299,7 @@ def evaluate(
     if details is not None:
         write_details(details, tasks)
     if as_json:
-        print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split,
+        print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split if lm else None,
                           "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks]}))
     else:
         print(results_table((data, lm) if lm else None, tasks))

@@ -9,8 +9,8 @@ of context (or all of the text before it).
 Multiple choice: each choice is scored by the log-probability of its tokens given the context,
 zero-shot or after K solved examples of the task in the prompt (no gradient update). `acc`
 picks the choice with the highest summed log-probability, `acc_norm` the highest per UTF-8
-byte of the choice, so that long choices are not penalised for their length (the conventions
-of lm-evaluation-harness).
+byte of the scored text (the choice and its joining space), so that long choices are not
+penalised for their length (the conventions of lm-evaluation-harness).
 
 Joining a choice to its context: the scored text is " " + choice, unless the context is empty,
 ends in whitespace (say a newline) or the choice starts with whitespace; then it is the choice

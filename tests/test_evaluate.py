@@ -348,14 +348,26 @@ def test_make_tasks_builds_seeded_cloze_items():
         assert all(abs(int(c.split()[2]) - number) > 3 for c in item["choices"] if c != answer)
 
 
-def test_shipped_task_comes_from_the_validation_part_only():
+def test_make_tasks_control_shuffles_the_answers_words():
+    make_tasks = load_make_tasks()
+    lines = [f"word{i} and then some more words {i}" for i in range(30)]
+    for item in make_tasks.build_items(lines, context_lines=2, distractors=3, items=5, min_chars=5, seed=0,
+                                       shuffle_words=True):
+        answer = item["choices"][item["label"]]
+        assert len(set(item["choices"])) == 4
+        assert all(sorted(c.split()) == sorted(answer.split()) for c in item["choices"])
+
+
+@pytest.mark.parametrize("name", ["shakespeare_next_line", "shakespeare_shuffled_words"])
+def test_shipped_tasks_come_from_the_validation_part_only(name):
     make_tasks = load_make_tasks()
     val = make_tasks.corpus_text(SHAKESPEARE, "val", 0.1)
     full = SHAKESPEARE.read_text(encoding="utf-8")
     assert full.endswith(val) and 0.09 < len(val) / len(full) < 0.11
-    items = read_task(REPO / "tasks" / "shakespeare_next_line.jsonl")
+    items = read_task(REPO / "tasks" / f"{name}.jsonl")
     val_lines = set(val.splitlines())
     assert len(items) >= 200
     for item in items:
         assert item.context + item.answer + "\n" in val
-        assert all(choice in val_lines for choice in item.choices)
+        if name == "shakespeare_next_line":
+            assert all(choice in val_lines for choice in item.choices)
