@@ -1,6 +1,6 @@
-"""The `gpt` command: prepare, train, sample, chat, info, and views inside a model (tokenize,
-next, attention, embed). Argument parsing and error mapping only; the work happens in the
-modules it calls."""
+"""The `gpt` command: prepare, train, sample, chat, eval, info, convert, and views inside a model
+(tokenize, next, attention, embed). Argument parsing and error mapping only; the work happens in
+the modules it calls."""
 
 from __future__ import annotations
 
@@ -238,6 +238,58 @@ def _user_turns(tty: bool) -> Iterator[str]:
             yield input("User: " if tty else "")
         except EOFError:
             return
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="Run folder (its newest checkpoint) or a ckpt_* folder."),
+    data: Optional[str] = typer.Option(None, help="Dataset folder (scores --split) or a UTF-8 text file: loss, "
+                                       "perplexity and bits per byte over all of it."),
+    split: str = typer.Option("val", help="Split of a dataset folder to score."),
+    stride: Optional[int] = typer.Option(None, help="Tokens each window moves on; each scored token sees at least "
+                                         "block_size - stride of context (default: half the context)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens."),
+    task: List[str] = typer.Option([], help="Multiple-choice JSONL file of {context, choices, label} (repeatable)."),
+    shots: int = typer.Option(0, help="Solved examples placed before each question (0 = zero-shot)."),
+    seed: int = typer.Option(1337, help="Seed for drawing the few-shot examples."),
+    fewshot_file: Optional[str] = typer.Option(None, help="Draw the examples from this JSONL file (default: the "
+                                               "task's other items)."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    details: Optional[str] = typer.Option(None, help="Write per-item choice scores to this JSONL file."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto (as in training), float32, bfloat16 or float16 autocast."),
+) -> None:
+    """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy."""
+    from gpt.device import autocast_for, pick_dtype
+    from gpt.evaluate import evaluate_lm, evaluate_task, results_table, write_details
+
+    if data is None and not task:
+        raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE and/or --task FILE.jsonl")
+    if fewshot_file is not None and len(task) != 1:
+        raise GptError("--fewshot-file holds the examples of one task; give exactly one --task with it")
+    if details is not None and not task:
+        raise GptError("--details writes per-item task scores; give a --task")
+    if batch_size < 1:
+        raise GptError(f"--batch-size must be at least 1, got {batch_size}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise GptError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
+    model_device = next(model.parameters()).device
+    autocast = autocast_for(model_device, pick_dtype(dtype, model_device))
+    lm = None
+    if data is not None:
+        lm = evaluate_lm(model, ckpt.tokenizer_spec, data, split=split, stride=stride, max_tokens=max_tokens,
+                         batch_size=batch_size, autocast=autocast)
+    tasks = [evaluate_task(model, tokenizer, path, shots=shots, seed=seed, fewshot_path=fewshot_file,
+                           batch_size=batch_size, autocast=autocast) for path in task]
+    if details is not None:
+        write_details(details, tasks)
+    if as_json:
+        print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split if lm else None,
+                          "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks]}))
+    else:
+        print(results_table((data, lm) if lm else None, tasks))
 
 
 @app.command()
