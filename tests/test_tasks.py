@@ -150,6 +150,15 @@ def test_task_sampler_resumes_at_the_same_batch_across_epochs():
         assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
+def test_task_sampler_batches_items_of_similar_length_in_random_order():
+    examples = [Example(rows=[[S] + [1] * n + [E]], label=0, cropped=False) for n in range(64)]
+    sampler = TaskSampler(examples, batch_size=4, text_vocab=S, seed=0)
+    lengths = [(sampler.next_batch()[0] != 0).sum(1) for _ in range(16)]  # one epoch: a window of its own
+    assert sorted(int(n.min()) for n in lengths) == list(range(2, 66, 4))  # lengths 4k+2 .. 4k+5 together
+    assert all(int(n.max() - n.min()) == 3 for n in lengths)
+    assert [int(n.min()) for n in lengths] != sorted(int(n.min()) for n in lengths)  # in random order
+
+
 def test_labels_from_the_data_sort_numbers_numerically(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text_a": "a", "text_b": "b", "label": n}) + "\n" for n in (10, 2, 9, 2)))
