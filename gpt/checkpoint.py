@@ -29,6 +29,8 @@ from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, TokenizerSpec
 
 WEIGHTS = RunFolder.WEIGHTS
+# A task head's weights sit beside the model's in model.safetensors under this prefix.
+HEAD_PREFIX = "head."
 
 
 @dataclass
@@ -43,17 +45,21 @@ class Checkpoint:
         return self.tokenizer_spec.build()
 
 
-def _weights(model: GPT) -> dict[str, torch.Tensor]:
-    """State dict without the tied output matrix (safetensors stores no shared tensors)."""
+def _weights(model: GPT, head: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """State dict without the tied output matrix (safetensors stores no shared tensors), plus
+    the task head's under HEAD_PREFIX."""
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
+    if head is not None:
+        state.update({HEAD_PREFIX + k: v for k, v in head.state_dict().items()})
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+                       head: torch.nn.Module | None = None) -> None:
     folder.mkdir(parents=True)
-    save_file(_weights(model), str(folder / WEIGHTS))
+    save_file(_weights(model, head), str(folder / WEIGHTS))
     fsync_path(folder / WEIGHTS)
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
@@ -69,13 +75,13 @@ def _atomic_link(link: Path, target: str) -> None:
 
 
 def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-                  training: dict | None = None) -> None:
+                  training: dict | None = None, head: torch.nn.Module | None = None) -> None:
     """Write a complete checkpoint folder at `final` (through a temporary one and a rename). A
     failed write (disk full, no permission) leaves no partial copy and ends the run with one
     line: a run that goes on without saving would lose everything after the last checkpoint."""
     try:
         with replacing_folder(final) as tmp:
-            _write_model_files(tmp, model, config, tokenizer, state)
+            _write_model_files(tmp, model, config, tokenizer, state, head)
             if training is not None:
                 torch.save(training, tmp / RunFolder.TRAINING)
                 fsync_path(tmp / RunFolder.TRAINING)
@@ -86,15 +92,15 @@ def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerS
 
 
 def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-                    training: dict, keep_last: int) -> Path:
+                    training: dict, keep_last: int, head: torch.nn.Module | None = None) -> Path:
     """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`.
     `state` goes to state.json (readable); `training` (optimizer, scaler, per-rank sampler and
-    RNG states) to optimizer.pt."""
+    RNG states) to optimizer.pt; a task run's `head` goes beside the model's weights."""
     final = run.checkpoint(state["iter"])
     # An iteration already saved (a resumed run stopped before its first step) is kept:
     # deleting it to write it again would leave `latest` dangling for a moment.
     if not final.is_dir():
-        _write_folder(final, model, config, tokenizer, state, training)
+        _write_folder(final, model, config, tokenizer, state, training, head)
     _atomic_link(run.latest, final.name)
     for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -129,12 +135,13 @@ def replacing_folder(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+              head: torch.nn.Module | None = None) -> None:
     """Point `best` at a new complete best_<iter>/ folder, then delete the previous one. At
     every moment `best` is either the old complete folder or the new one."""
     final = run.root / f"best_{state['iter']:06d}"
     if not final.is_dir():
-        _write_folder(final, model, config, tokenizer, state)
+        _write_folder(final, model, config, tokenizer, state, head=head)
     _atomic_link(run.best, final.name)
     for old in run.root.glob("best_*"):
         if old.name != final.name and old.is_dir():
@@ -174,31 +181,44 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path=folder, config=config, tokenizer_spec=tokenizer, state=state)
 
 
-def load_weights(model: GPT, folder: Path) -> None:
-    """Load a checkpoint folder's safetensors weights into `model` (see `assign_weights`)."""
-    assign_weights(model, read_weights(folder), folder)
-
-
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint folder's model.safetensors, by name."""
+    """The tensors of a checkpoint's model.safetensors (the model's, and a task head's under HEAD_PREFIX)."""
     try:
         return load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise GptError(f"{folder / WEIGHTS} cannot be read ({exc}); the checkpoint is corrupt") from None
 
 
-def assign_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load named tensors into `model`. A model on the meta device gets the tensors assigned
-    (no copy); a real one is copied into, so that an optimizer already holding its
+def split_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the model's weights, the task head's weights without their prefix)."""
+    head = {k[len(HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(HEAD_PREFIX)}
+    return {k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIX)}, head
+
+
+def assign_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load `weights` into `module` strictly. A module on the meta device gets the tensors
+    assigned (no copy); a real one is copied into, so that an optimizer already holding its
     parameters keeps updating the same tensors."""
-    if model.config.tie_embeddings and "wte.weight" in weights:
+    if isinstance(module, GPT) and module.config.tie_embeddings and "wte.weight" in weights:
         weights = {**weights, "lm_head.weight": weights["wte.weight"]}
     try:
-        model.load_state_dict(weights, strict=True, assign=next(model.parameters()).is_meta)
+        module.load_state_dict(weights, strict=True, assign=next(module.parameters()).is_meta)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise GptError(f"{source}: weights do not fit the model config ({first})") from None
-    model.tie_weights()
+    if isinstance(module, GPT):
+        module.tie_weights()
+
+
+def load_weights(model: GPT, folder: Path, head: torch.nn.Module | None = None) -> None:
+    """Load a checkpoint's weights into `model` and, given one, a task head. Without a head
+    the task head's weights are skipped: the language model of a task run still samples."""
+    weights, head_weights = split_head(read_weights(folder))
+    assign_weights(model, weights, folder)
+    if head is not None:
+        if not head_weights:
+            raise GptError(f"{folder} holds no task head; fine-tune it for a task first (a task: section)")
+        assign_weights(head, head_weights, folder)
 
 
 def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> GPT:

@@ -1,6 +1,6 @@
-"""The `gpt` command: prepare, train, sample, chat, eval, info, convert, and views inside a model
-(tokenize, next, attention, embed). Argument parsing and error mapping only; the work happens in
-the modules it calls."""
+"""The `gpt` command: prepare, train, sample, chat, eval, classify, info, convert, and views inside
+a model (tokenize, next, attention, embed). Argument parsing and error mapping only; the work
+happens in the modules it calls."""
 
 from __future__ import annotations
 
@@ -293,6 +293,48 @@ def evaluate(
 
 
 @app.command()
+def classify(
+    checkpoint: str = typer.Argument(..., help="A task run folder (its latest checkpoint), its best or a ckpt_* one."),
+    text: Optional[str] = typer.Option(None, help="Text to label (a classify model)."),
+    premise: Optional[str] = typer.Option(None, help="Premise, with --hypothesis (an entail model)."),
+    hypothesis: Optional[str] = typer.Option(None, help="Hypothesis, with --premise."),
+    text_a: Optional[str] = typer.Option(None, help="First text, with --text-b (a similar model; either order)."),
+    text_b: Optional[str] = typer.Option(None, help="Second text, with --text-a."),
+    context: Optional[str] = typer.Option(None, help="Context, with two or more --choice (a choice model)."),
+    choice: List[str] = typer.Option([], help="One choice (repeatable), with --context."),
+    file: Optional[str] = typer.Option(None, help="JSONL task file; with labels it prints accuracy and a confusion "
+                                       "matrix, else one prediction a line."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (one object per item, or the summary)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Label items with a fine-tuned task model: prints the label and the probabilities."""
+    from gpt import tasks
+    from gpt.device import pick_device
+
+    classifier = tasks.load_classifier(checkpoint, pick_device(device))
+    options = dict(text=text, premise=premise, hypothesis=hypothesis, text_a=text_a, text_b=text_b,
+                   context=context, choice=choice)
+    if file is not None and any(options.values()):
+        raise GptError("give --file or the texts of one item, not both")
+    items = tasks.read_task_file(file, classifier.kind) if file is not None else \
+        [tasks.item_from_options(classifier.kind, options)]
+    result = classifier.classify(items)
+    if result.cropped:
+        print(f"note: {result.cropped} of {len(items)} item(s) cropped to the model's context "
+              f"({classifier.model.gpt.config.block_size} tokens)", file=sys.stderr)
+    if result.labels is not None:
+        summary = result.summary_json()
+        print(json.dumps(summary) if as_json else tasks.format_summary(summary))
+        return
+    for i in range(len(items)):
+        item = result.item_json(i)
+        if as_json:
+            print(json.dumps(item, ensure_ascii=False))
+        else:
+            print(tasks.format_item(item) if file is None else f"{item['label']}\t{max(item['probs'].values()):.4f}")
+
+
+@app.command()
 def info(
     path: Optional[str] = typer.Argument(None, help="A dataset folder (meta.json) or a run / checkpoint folder."),
     preset: Optional[str] = typer.Option(None, help="Describe a model preset instead (e.g. gpt2, gpt3-175b)."),
@@ -322,8 +364,10 @@ def info(
     from gpt.formats import RunFolder
 
     ckpt = read_checkpoint(folder)
+    from gpt.tasks import describe_task
+
     _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state, "tokenizer": ckpt.tokenizer_spec.name,
-                 "model": _model_info(ckpt.config.model),
+                 "model": _model_info(ckpt.config.model), "task": describe_task(ckpt),
                  "checkpoints": [other.name for other in RunFolder(folder).checkpoints()]}, as_json)
 
 
@@ -352,6 +396,8 @@ def _print_info(info: dict, as_json: bool) -> None:
           "(forward + backward at full context)")
     if "checkpoint" in info:
         print(f"  tokenizer: {info['tokenizer']}; losses: {state.get('losses')}")
+    if info.get("task"):
+        print(f"  {info['task']}")
     for name in info.get("checkpoints", []):
         print(f"  {name}")
 

@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, YAML files, `a.b=value` overrides and model presets.
 
-A run is described by four sections (model, data, train, sample). Loading goes
+A run is described by five sections (model, data, train, sample, task). Loading goes
 YAML -> plain dict -> overrides applied to the dict -> presets expanded -> dataclasses,
 and every value is converted to its field's type on the way in, so a wrong key or value
 fails early with one line that names it.
@@ -188,11 +188,34 @@ class SampleConfig:
 
 
 @dataclass(kw_only=True)
+class TaskConfig:
+    kind: Optional[Literal["classify", "entail", "similar", "choice"]] = option(
+        None, "fine-tune for a task as in GPT-1 (classify, entail, similar, choice); null trains a language model")
+    train: Optional[str] = option(None, "JSONL file of training items (see README: task files)")
+    val: Optional[str] = option(None, "JSONL file of validation items; null evaluates on the train file only")
+    labels: Optional[list[str]] = option(None, "label names in order; null takes the sorted labels of the train file")
+    lm_weight: float = option(0.5, "weight of the language-modelling loss on the task text (GPT-1: 0.5)")
+    head_dropout: float = option(0.1, "dropout before the task head's linear layer")
+
+    def __post_init__(self) -> None:
+        _require(self.kind is None or self.train is not None,
+                 f"task.kind is {self.kind} but task.train is not set; give a JSONL file of training items")
+        _require(self.kind != "choice" or self.labels is None,
+                 "task.labels is not used by task.kind=choice (the label is the index of the right choice); "
+                 "remove it")
+        _require(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
+                 f"task.labels must name at least two different labels, got {self.labels}")
+        _require(self.lm_weight >= 0, f"task.lm_weight must be >= 0, got {self.lm_weight}")
+        _require(0.0 <= self.head_dropout < 1.0, f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 # Section name -> its dataclass (annotations are strings here, so resolve them).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,21 @@ from gpt.errors import GptError
 from gpt.formats import RunFolder
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
-           "eval_train_loss", "val_loss"]
+           "eval_train_loss", "val_loss", "train_acc", "val_acc"]
+
+
+@dataclass
+class Evaluation:
+    """One evaluation during training: the mean loss per split and, for task runs, the accuracy
+    per split and per class (keys "val/LABEL")."""
+
+    losses: dict[str, float]
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float | None]:
+        """The metrics.csv columns it fills."""
+        return {"eval_train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
+                "train_acc": self.accuracy.get("train"), "val_acc": self.accuracy.get("val")}
 
 
 class MetricsLog:
@@ -119,6 +134,7 @@ class Progress:
             return
         parts = [f"loss {row['loss']:.4f}" if row.get("loss") is not None else None,
                  f"val {row['val_loss']:.4f}" if row.get("val_loss") is not None else None,
+                 f"val acc {row['val_acc']:.3f}" if row.get("val_acc") is not None else None,
                  f"lr {row['lr']:.2e}" if row.get("lr") is not None else None,
                  f"{row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else None,
                  f"{row['ms_per_iter']:.1f} ms/iter" if row.get("ms_per_iter") else None,

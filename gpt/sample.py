@@ -47,8 +47,10 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, vocab). Temperature 0 is greedy."""
+                generator: torch.Generator | None, vocab_size: int | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab). Temperature 0 is greedy. Only ids below
+    `vocab_size` (the tokenizer's) are picked: the special tokens a task run appends are not text."""
+    logits = logits[..., :vocab_size]
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_k, top_p)
@@ -123,7 +125,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConf
     growing = [_GrowingText(sample, tokenizer, settings) for sample in samples]
     stream = _Streamer(on_text, settings.stop) if on_text else None
     pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                             top_p=settings.top_p, generator=generator)
+                             top_p=settings.top_p, generator=generator, vocab_size=tokenizer.vocab_size)
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -148,25 +148,34 @@ class BatchSampler:
         self.rng.bit_generator.state = state
 
 
+class Sampler(Protocol):
+    """Draws training micro-batches (tuples of tensors: LM windows or task items) and can save
+    and restore its position."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class DeviceBatches:
     """The training step's micro-batches, drawn and moved to the device one step ahead: on
     CUDA through pinned memory with non-blocking copies, so the host prepares the next step
     while the GPU runs this one. Its state is the sampler's state before the batches it holds,
     so a checkpoint resumes at exactly the next step's data."""
 
-    def __init__(self, sampler: BatchSampler, micro_batches: int, device: torch.device):
+    def __init__(self, sampler: Sampler, micro_batches: int, device: torch.device):
         self.sampler, self.micro_batches, self.device = sampler, micro_batches, device
         self.pin = device.type == "cuda"
-        self.ahead: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.ahead: list[tuple[torch.Tensor, ...]] | None = None
         self.state_before_ahead = sampler.state_dict()
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next(self) -> list[tuple[torch.Tensor, ...]]:
         batches = self.ahead if self.ahead is not None else self._draw()
         self.state_before_ahead = self.sampler.state_dict()
         self.ahead = self._draw()
         return batches
 
-    def _draw(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _draw(self) -> list[tuple[torch.Tensor, ...]]:
         return [tuple(self._move(t) for t in self.sampler.next_batch()) for _ in range(self.micro_batches)]
 
     def _move(self, tensor: torch.Tensor) -> torch.Tensor:

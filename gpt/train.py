@@ -1,6 +1,8 @@
 """`gpt train`: AdamW, warmup + cosine LR, gradient accumulation, AMP, eval, checkpoints, signals.
 
-One loop serves pretraining, fine-tuning (`train.init_from`) and resuming (`--resume`).
+One loop serves pretraining, fine-tuning (`train.init_from`), task fine-tuning (a `task:`
+section) and resuming (`--resume`). What differs between language modelling and a task is an
+`Objective`: the module trained around the GPT, the micro-batches it reads and the evaluation.
 Resuming is exact: weights, optimizer, the data sampler's RNG and torch's RNG are restored,
 so on CPU the losses after a resume equal those of an uninterrupted run bit for bit.
 """
@@ -18,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 
-from gpt import distributed
+from gpt import distributed, tasks
 from gpt.checkpoint import (
     Checkpoint,
     assign_weights,
@@ -29,16 +32,18 @@ from gpt.checkpoint import (
     read_checkpoint,
     save_best,
     save_checkpoint,
+    split_head,
 )
 from gpt.config import Config, ModelConfig, dump_yaml, to_dict
 from gpt.convert import ImportedModel, read_model_source
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.durable import FolderLock
 from gpt.errors import GptError
-from gpt.formats import RunFolder
-from gpt.metrics import MetricsLog, Progress
+from gpt.formats import DatasetMeta, RunFolder
+from gpt.metrics import Evaluation, MetricsLog, Progress
 from gpt.model import GPT
-from gpt.shards import BatchSampler, Dataset, DeviceBatches, load_dataset
+from gpt.shards import BatchSampler, Dataset, DeviceBatches, Sampler, load_dataset
+from gpt.tokenizer import TokenizerSpec
 
 # Model fields that may change between a checkpoint and the run that continues it.
 NON_SHAPE_FIELDS = {"dropout", "attn_dropout", "preset"}
@@ -57,7 +62,7 @@ def lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float],
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the 2-D weight matrices of attention and MLP only.
 
@@ -72,25 +77,26 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[floa
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
-def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
                          autocast: Callable, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over micro-batches, gradients summed as if they were one batch.
+    A micro-batch is the tuple of tensors that `model` takes, returning (output, loss).
     Returns the mean loss as a device tensor: reading it would wait for the device, so the
     loop does that only when it logs. Under DDP only the last micro-batch synchronises gradients."""
     losses = []
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             with autocast():
-                _, loss = model(x, y)
+                _, loss = model(*batch)
             loss = loss / len(batches)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
     return torch.stack(losses).sum()
 
 
-def optimizer_step(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                    grad_clip: float) -> torch.Tensor:
     """Clip, step and zero the gradients; returns the gradient norm before clipping (a device tensor)."""
     if scaler is not None:
@@ -171,17 +177,38 @@ class TrainState:
     iter: int = 0
     tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
     best_val_loss: float = math.inf
+    best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
 
     def state_dict(self) -> dict[str, Any]:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "losses": dict(self.losses)}
+        return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "best_val_acc": self.best_val_acc,
+                "losses": dict(self.losses), "accuracy": dict(self.accuracy)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
         best = state.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
+        self.best_val_acc = state.get("best_val_acc")
         self.losses = dict(state.get("losses") or {})
+        self.accuracy = dict(state.get("accuracy") or {})
+
+    def record(self, evaluation: Evaluation) -> bool:
+        """Keep an evaluation's results; True when it is the best so far: the highest val
+        accuracy of a task run, else the lowest val loss (train when there is no val split)."""
+        self.losses, self.accuracy = evaluation.losses, evaluation.accuracy
+        if self.accuracy:
+            acc = self.accuracy.get("val", self.accuracy["train"])
+            if self.best_val_acc is not None and acc <= self.best_val_acc:
+                return False
+            self.best_val_acc = acc
+            return True
+        score = self.losses.get("val", self.losses.get("train"))
+        if score is None or score >= self.best_val_loss:
+            return False
+        self.best_val_loss = score
+        return True
 
 
 class RNGState:
@@ -256,21 +283,166 @@ def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
         print("resuming with these config changes:\n" + "\n".join(diff))
 
 
-def check_init_from(path: str, config: Config, dataset: Dataset) -> ImportedModel:
-    """Fine-tuning start: the weights of another run (or of a Hugging Face GPT-2 folder,
-    `hf:DIR`), checked against this model and data."""
+def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> ImportedModel:
+    """Fine-tuning start: the language model of another run (or of a Hugging Face GPT-2 folder,
+    `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
+    special tokens that a language model lacks: they keep their fresh initialisation."""
     source = read_model_source(path)
-    changed = shape_differences(source.config, config.model)
+    changed = [name for name in shape_differences(source.config, config.model)
+               if not (name == "vocab_size" and _grows_for_task(source.config, config))]
     if changed:
         detail = ", ".join(f"model.{n}={getattr(source.config, n)!r} (here {getattr(config.model, n)!r})"
                            for n in changed)
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
                        "use the checkpoint's model settings")
-    if source.tokenizer != dataset.meta.tokenizer:
+    if source.tokenizer != tokenizer:
         raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
-                       f"differs from the data's {dataset.meta.tokenizer.name}; prepare the data "
-                       "with the checkpoint's tokenizer")
+                       f"differs from the data's {tokenizer.name}; prepare the data with the checkpoint's tokenizer")
     return source
+
+
+def _grows_for_task(source: ModelConfig, config: Config) -> bool:
+    return config.task.kind is not None and source.vocab_size + tasks.NUM_SPECIAL == config.model.vocab_size
+
+
+def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
+    """Copy a checked `check_init_from` source into a new model; a task head never carries over."""
+    weights, _ = split_head(source.weights)
+    if _grows_for_task(source.config, config):
+        weights = tasks.with_special_rows(weights, model)
+    assign_weights(model, weights, config.train.init_from)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+class Objective(Protocol):
+    """What a run trains for. The loop is the same for every objective; what differs is the
+    module trained around the GPT, the micro-batches (tuples of tensors that the module's
+    forward takes, returning (output, loss)) and what an evaluation reports."""
+
+    config: Config            # resolved: the vocabulary size (and a task's labels) filled in
+    tokenizer: TokenizerSpec  # saved with every checkpoint
+    unit: str                 # what one row of a micro-batch is, for the start-up line
+
+    def describe(self) -> str: ...
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, torch.nn.Module | None, torch.nn.Module]:
+        """(the GPT, a task head or None, the module to train), started from `source`'s weights if given."""
+
+    def sampler(self, seed: list[int]) -> Sampler: ...
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation: ...
+
+
+class LanguageModelling:
+    """Pretraining and LM fine-tuning: random windows of the token shards, next-token loss."""
+
+    def __init__(self, config: Config):
+        self.dataset = load_dataset(config.data.dir)
+        self.config = resolve_vocab(config, self.dataset)
+        check_block_size(self.dataset, config.model.block_size)
+        if "train" not in self.dataset.splits:
+            raise GptError(f"{self.dataset.folder} has no train split; run `gpt prepare` again")
+        self.tokenizer = self.dataset.meta.tokenizer
+        self.unit = f"sequences of {config.model.block_size} tokens"
+
+    def describe(self) -> str:
+        return f"data: {self.dataset.folder}, {self.dataset.num_tokens('train'):,} train tokens"
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, None, GPT]:
+        model = GPT(self.config.model)
+        if source is not None:
+            init_weights(model, source, self.config)
+        return model, None, model
+
+    def sampler(self, seed: list[int]) -> BatchSampler:
+        return BatchSampler(self.dataset.splits["train"], self.config.model.block_size, self.config.train.batch_size,
+                            seed=seed)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+        tc = self.config.train
+        return Evaluation(losses=evaluate(model, self.dataset, self.config.model.block_size, tc.batch_size,
+                                          tc.eval_iters, tc.seed, device, autocast))
+
+
+class TaskFineTuning:
+    """GPT-1 task fine-tuning (`gpt.tasks`): items framed by special tokens, task loss plus
+    lm_weight x LM loss on the task text; evaluations report loss and accuracy per split
+    (the train split on a fixed sample of at most eval_iters batches, val in full)."""
+
+    def __init__(self, config: Config, tokenizer: TokenizerSpec):
+        task, text = config.task, tokenizer.build()
+        self.tokenizer, self.text_vocab, self.unit = tokenizer, text.vocab_size, "items"
+        items = {"train": tasks.read_task_file(task.train, task.kind)}
+        if task.val:
+            items["val"] = tasks.read_task_file(task.val, task.kind)
+        labels = None
+        if task.kind != "choice":
+            labels = task.labels or tasks.label_names(items["train"], task.kind, task.train)
+        self.config = _resolve_task_config(config, labels, text.vocab_size)
+        self.names = {split: labels or tasks.label_names(found, task.kind, "") for split, found in items.items()}
+        self.examples = {split: tasks.encode_items(found, self.names[split], text, config.model.block_size)
+                         for split, found in items.items()}
+        tc = config.train
+        order = np.random.default_rng([tc.seed, 1]).permutation(len(self.examples["train"]))
+        self.eval_sets = {"train": [self.examples["train"][i] for i in order[:tc.eval_iters * tc.batch_size]],
+                          **({"val": self.examples["val"]} if "val" in self.examples else {})}
+
+    def describe(self) -> str:
+        task = self.config.task
+        splits = ", ".join(f"{split} {len(found):,} items ({sum(e.cropped for e in found):,} cropped)"
+                           for split, found in self.examples.items())
+        labels = f"labels {', '.join(task.labels)}" if task.labels else "softmax over each item's choices"
+        return (f"task: {task.kind}, {labels}; {splits}; rows longer than model.block_size="
+                f"{self.config.model.block_size} are cropped, keeping the end of the first text")
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, tasks.TaskHead, tasks.TaskModel]:
+        model = GPT(self.config.model)
+        head = tasks.make_head(self.config)
+        if source is not None:
+            init_weights(model, source, self.config)
+        return model, head, tasks.TaskModel(model, head, self.config.task.lm_weight)
+
+    def sampler(self, seed: list[int]) -> tasks.TaskSampler:
+        return tasks.TaskSampler(self.examples["train"], self.config.train.batch_size, self.text_vocab, seed)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+        result = Evaluation(losses={})
+        for split, examples in self.eval_sets.items():
+            loss, accuracy = tasks.evaluate_split(model, examples, self.names[split], split,
+                                                  self.config.train.batch_size, self.text_vocab, device, autocast)
+            result.losses[split] = loss
+            result.accuracy.update(accuracy)
+        return result
+
+
+def _resolve_task_config(config: Config, labels: list[str] | None, text_vocab: int) -> Config:
+    """Fill model.vocab_size (the tokenizer's plus the special tokens) and task.labels."""
+    vocab_size = text_vocab + tasks.NUM_SPECIAL
+    if config.model.vocab_size not in (None, vocab_size):
+        raise GptError(f"model.vocab_size is {config.model.vocab_size} but a task run's is the tokenizer's "
+                       f"{text_vocab} plus {tasks.NUM_SPECIAL} special tokens; set model.vocab_size=null")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size),
+                               task=dataclasses.replace(config.task, labels=labels))
+
+
+def task_tokenizer(config: Config, checkpoint: Checkpoint | None) -> TokenizerSpec:
+    """A task run's tokenizer: the resumed checkpoint's, else train.init_from's, else (training
+    from scratch) the one data.dir was prepared with."""
+    if checkpoint is not None:
+        return checkpoint.tokenizer_spec
+    if config.train.init_from:
+        return read_model_source(config.train.init_from).tokenizer
+    if not (Path(config.data.dir) / "meta.json").is_file():
+        raise GptError(f"a task run takes its tokenizer from train.init_from (a pretrained run) or, from scratch, "
+                       f"from data.dir, and {config.data.dir} holds no dataset; set train.init_from")
+    return DatasetMeta.read(config.data.dir).tokenizer
+
+
+def make_objective(config: Config, checkpoint: Checkpoint | None) -> Objective:
+    if config.task.kind is None:
+        return LanguageModelling(config)
+    return TaskFineTuning(config, task_tokenizer(config, checkpoint))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,9 +453,11 @@ class Trainer:
 
     config: Config
     run: RunFolder
-    dataset: Dataset
-    model: GPT                   # the plain module: its state dict has no wrapper prefixes
-    forward_model: torch.nn.Module  # compiled and/or DDP-wrapped, used for forward passes
+    objective: Objective
+    model: GPT                      # the language model: its state dict has no wrapper prefixes
+    head: torch.nn.Module | None    # a task run's head, saved beside the model's weights
+    trained: torch.nn.Module        # what the optimizer trains: the model, or the model with its head
+    forward_model: torch.nn.Module  # `trained` compiled and/or DDP-wrapped, used for forward passes
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     batches: DeviceBatches
@@ -291,11 +465,6 @@ class Trainer:
     autocast: Callable
     dist: distributed.Dist
     state: TrainState = dataclasses.field(default_factory=TrainState)
-
-    @property
-    def tokens_per_step(self) -> int:
-        t = self.config.train
-        return t.batch_size * t.grad_accum * self.config.model.block_size * self.dist.world_size
 
     def shared_state(self) -> dict[str, Resumable]:
         """What every rank holds alike (rank 0's copy is saved)."""
@@ -310,13 +479,18 @@ class Trainer:
         if not self.dist.is_main:
             return
         training = {**{k: v.state_dict() for k, v in self.shared_state().items()}, "ranks": ranks}
-        state = {**self.state.state_dict(), "world_size": self.dist.world_size}
-        save_checkpoint(self.run, self.model, self.config, self.dataset.meta.tokenizer, state, training,
-                        self.config.train.keep_last)
+        save_checkpoint(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(), training,
+                        self.config.train.keep_last, head=self.head)
+
+    def save_best(self) -> None:
+        save_best(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(), head=self.head)
+
+    def state_json(self) -> dict[str, Any]:
+        return {**self.state.state_dict(), "world_size": self.dist.world_size}
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        load_weights(self.model, checkpoint.path)
-        self.model.to(self.device)
+        load_weights(self.model, checkpoint.path, self.head)
+        self.trained.to(self.device)
         training = load_training_state(checkpoint.path)
         if "ranks" not in training or "optimizer" not in training:
             raise GptError(f"{checkpoint.path} was written by an older version of gpt and cannot be resumed; "
@@ -344,35 +518,29 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     dtype = pick_dtype(tc.dtype, device)
-    dataset = load_dataset(config.data.dir)
-    config = resolve_vocab(config, dataset)
-    check_block_size(dataset, config.model.block_size)
-    if "train" not in dataset.splits:
-        raise GptError(f"{dataset.folder} has no train split; run `gpt prepare` again")
     run = RunFolder(Path(tc.out_dir))
-    source = check_init_from(tc.init_from, config, dataset) if tc.init_from and not resume else None
     if resume and not run.checkpoints():
         raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; drop --resume to start a new run")
+    checkpoint = read_checkpoint(run.root) if resume else None
+    objective = make_objective(config, checkpoint)
+    config = objective.config
+    source = check_init_from(tc.init_from, config, objective.tokenizer) if tc.init_from and not resume else None
     if dist.is_main:
         hold.enter_context(FolderLock(run.lock, f"train.out_dir {run.root}"))
         prepare_out_dir(run, resume, overwrite)
-    checkpoint = read_checkpoint(run.root) if resume else None
-    if checkpoint is not None and dist.is_main:
-        check_resume_config(checkpoint, config)
+        if checkpoint is not None:
+            check_resume_config(checkpoint, config)
     distributed.barrier(dist)
 
     torch.manual_seed(tc.seed + dist.rank)
-    model = GPT(config.model)
-    if source is not None:
-        assign_weights(model, source.weights, tc.init_from)
-    model.to(device)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
+    model, head, trained = objective.build_model(source)
+    trained.to(device)
+    optimizer = make_optimizer(trained, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    forward_model = distributed.wrap(maybe_compile(model, tc.compile, device), dist, device)
-    sampler = BatchSampler(dataset.splits["train"], config.model.block_size, tc.batch_size,
-                           seed=[tc.seed, 0, dist.rank])
-    trainer = Trainer(config=config, run=run, dataset=dataset, model=model, forward_model=forward_model,
-                      optimizer=optimizer, scaler=scaler, batches=DeviceBatches(sampler, tc.grad_accum, device),
+    forward_model = distributed.wrap(maybe_compile(trained, tc.compile, device), dist, device)
+    batches = DeviceBatches(objective.sampler([tc.seed, 0, dist.rank]), tc.grad_accum, device)
+    trainer = Trainer(config=config, run=run, objective=objective, model=model, head=head, trained=trained,
+                      forward_model=forward_model, optimizer=optimizer, scaler=scaler, batches=batches,
                       device=device, autocast=autocast_for(device, dtype), dist=dist)
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -404,12 +572,14 @@ def _loop(tr: Trainer, resumed: bool) -> int:
     metrics = MetricsLog(tr.run, state.iter if resumed else None, tc.tensorboard) if main else None
     if main:
         print(dump_yaml(tr.config).rstrip())
-        print(f"model: {tr.model.num_params():,} parameters | device {tr.device} | "
-              f"{tr.tokens_per_step:,} tokens per step | starting at iter {state.iter}")
+        print(tr.objective.describe())
+        rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
+        print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
+              f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
     peak = peak_flops(tc.peak_flops, tr.device)
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
-    window_start, window_iters = time.perf_counter(), 0
+    window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
     with StopRequest() as stop:
         # Every rank must take the same number of steps, or one waits forever in a collective:
         # the stop request is agreed between ranks before each step.
@@ -417,25 +587,29 @@ def _loop(tr: Trainer, resumed: bool) -> int:
             lr = lr_at(state.iter, tc.lr, tc.min_lr, tc.warmup_iters, tc.decay_iters)
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate_gradients(tr.forward_model, tr.batches.next(), tr.autocast, tr.scaler)
-            grad_norm = optimizer_step(tr.model, tr.optimizer, tr.scaler, tc.grad_clip)
+            batches = tr.batches.next()
+            loss = accumulate_gradients(tr.forward_model, batches, tr.autocast, tr.scaler)
+            grad_norm = optimizer_step(tr.trained, tr.optimizer, tr.scaler, tc.grad_clip)
+            # Positions the model ran (padding included), read from shapes: no wait for the device.
+            step_tokens = sum(batch[0].numel() for batch in batches) * tr.dist.world_size
             state.iter += 1
-            state.tokens += tr.tokens_per_step
+            state.tokens += step_tokens
+            window_tokens += step_tokens
             window_iters += 1
             row: dict[str, Any] = {}
             if state.iter % tc.log_interval == 0 or state.iter == tc.max_iters:
                 row = {"loss": distributed.mean_across_ranks(loss, tr.dist), "lr": lr, "grad_norm": grad_norm.item()}
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
-                tok_s = window_iters * tr.tokens_per_step / elapsed
+                tok_s = window_tokens / elapsed
                 row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
                            mfu=flops_per_token * tok_s / peak if peak else None)
-                window_start, window_iters = time.perf_counter(), 0
+                window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
             paused = time.perf_counter()
             if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
-                state.losses = evaluate(_unwrap_ddp(tr.forward_model), tr.dataset, tr.config.model.block_size,
-                                        tc.batch_size, tc.eval_iters, tc.seed, tr.device, tr.autocast)
-                row.update(eval_train_loss=state.losses.get("train"), val_loss=state.losses.get("val"))
-                _maybe_save_best(tr)
+                evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast)
+                row.update(evaluation.row())
+                if state.record(evaluation) and tc.save_best and main:
+                    tr.save_best()
             if row and main:
                 metrics.write({"iter": state.iter, "tokens": state.tokens, **row})
                 progress.report(state.iter, row)
@@ -456,14 +630,3 @@ def _loop(tr: Trainer, resumed: bool) -> int:
 
 def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "no_sync") else model
-
-
-def _maybe_save_best(tr: Trainer) -> None:
-    losses = tr.state.losses
-    score = losses.get("val", losses.get("train"))
-    if score is None or score >= tr.state.best_val_loss:
-        return
-    tr.state.best_val_loss = score
-    if tr.config.train.save_best and tr.dist.is_main:
-        save_best(tr.run, tr.model, tr.config, tr.dataset.meta.tokenizer,
-                  {**tr.state.state_dict(), "world_size": tr.dist.world_size})

@@ -9,7 +9,8 @@ from gpt import __version__
 
 @pytest.mark.parametrize("verb, expected", [("prepare", "--val-fraction"), ("train", "train.lr_decay_iters"),
                                             ("sample", "--top-p"), ("chat", "--system"), ("info", "meta.json"),
-                                            ("eval", "--fewshot-file")])
+                                            ("eval", "--fewshot-file"),
+                                            ("classify", "--text-a")])
 def test_every_verb_has_help(cli, verb, expected):
     code, out, _ = cli(verb, "--help")
     assert code == 0 and expected in out

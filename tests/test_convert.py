@@ -20,14 +20,14 @@ from conftest import SHAKESPEARE, shakespeare_data
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from gpt.checkpoint import assign_weights, load_model, read_checkpoint, save_model_folder
+from gpt.checkpoint import load_model, read_checkpoint, save_model_folder
 from gpt.config import build_config
 from gpt.convert import read_hf, save_imported
 from gpt.model import GPT
 from gpt.sample import decode
 from gpt.shards import load_dataset
 from gpt.tokenizer import GPT2Tokenizer, TokenizerSpec
-from gpt.train import check_init_from
+from gpt.train import check_init_from, init_weights
 
 VOCAB, CONTEXT = 50257, 128
 
@@ -259,7 +259,7 @@ def test_init_from_hf_folder_or_converted_checkpoint_starts_from_gpt2(hf_model, 
     init_from = f"hf:{hf_dir}" if source == "hf" else str(imported_dir)
     config = finetune_config(gpt2_data, init_from)
     model = GPT(config.model)
-    assign_weights(model, check_init_from(init_from, config, load_dataset(gpt2_data)).weights, init_from)
+    init_weights(model, check_init_from(init_from, config, load_dataset(gpt2_data).meta.tokenizer), config)
     assert torch.allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
 
 
