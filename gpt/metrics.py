@@ -16,7 +16,7 @@ from gpt.errors import GptError
 from gpt.formats import RunFolder
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
-           "eval_train_loss", "val_loss", "train_acc", "val_acc"]
+           "eval_train_loss", "val_loss", "val_bpb", "train_acc", "val_acc"]
 
 
 @dataclass
@@ -26,11 +26,12 @@ class Evaluation:
 
     losses: dict[str, float]
     accuracy: dict[str, float] = field(default_factory=dict)
+    val_bpb: float | None = None  # bits per byte of the val text, where the data records its bytes
 
     def row(self) -> dict[str, float | None]:
         """The metrics.csv columns it fills."""
         return {"eval_train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
-                "train_acc": self.accuracy.get("train"), "val_acc": self.accuracy.get("val")}
+                "val_bpb": self.val_bpb, "train_acc": self.accuracy.get("train"), "val_acc": self.accuracy.get("val")}
 
 
 class MetricsLog:

@@ -39,6 +39,7 @@ from gpt.convert import ImportedModel, read_model_source
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.durable import FolderLock
 from gpt.errors import GptError
+from gpt.evaluate import bits_per_byte
 from gpt.formats import DatasetMeta, RunFolder
 from gpt.metrics import Evaluation, MetricsLog, Progress
 from gpt.model import GPT
@@ -361,8 +362,12 @@ class LanguageModelling:
 
     def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
         tc = self.config.train
-        return Evaluation(losses=evaluate(model, self.dataset, self.config.model.block_size, tc.batch_size,
-                                          tc.eval_iters, tc.seed, device, autocast))
+        losses = evaluate(model, self.dataset, self.config.model.block_size, tc.batch_size, tc.eval_iters, tc.seed,
+                          device, autocast)
+        val = self.dataset.meta.splits.get("val")
+        # Bits per byte compare models with different tokenizers; datasets record the bytes of each split.
+        val_bpb = bits_per_byte(losses["val"], val.tokens, val.bytes) if "val" in losses and val.bytes else None
+        return Evaluation(losses=losses, val_bpb=val_bpb)
 
 
 class TaskFineTuning:

@@ -19,6 +19,7 @@ from gpt.errors import GptError
 from gpt.formats import RunFolder
 from gpt.metrics import read_metrics
 from gpt.model import GPT
+from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
 from gpt.train import accumulate_gradients, build_trainer, lr_at, make_optimizer, train
 
@@ -159,6 +160,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
 from gpt.formats import RunFolder
 from gpt.model import GPT
+from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
 config = build_config({"model": {"preset": "mini", "vocab_size": 2000}})
 model = GPT(config.model)
@@ -310,3 +312,13 @@ def test_tokens_seen_accumulate_across_a_resume_with_another_batch_size(char_dat
     train(config)
     train(with_changes(config, "train.max_iters=6", "train.batch_size=2"), resume=True)
     assert read_checkpoint(tmp_path / "run").state["tokens"] == 4 * 4 * 32 + 2 * 2 * 32
+
+
+def test_val_bits_per_byte_is_logged_from_the_bytes_the_data_records(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=10, eval_interval=5))
+    val = load_dataset(char_data).meta.splits["val"]
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["val_loss"]]
+    assert len(rows) == 2
+    for row in rows:
+        expected = float(row["val_loss"]) * val.tokens / math.log(2) / val.bytes
+        assert float(row["val_bpb"]) == pytest.approx(expected)
