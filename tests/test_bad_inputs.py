@@ -29,6 +29,7 @@ def world(tmp_path_factory) -> Path:
     (root / "md_only" / "notes.md").write_text("# notes\n")
     (root / "not_json.jsonl").write_text('{"text": "ok"}\nnot json\n')
     (root / "no_field.jsonl").write_text('{"body": "text"}\n')
+    (root / "task_bad_label.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
     (root / "llama").mkdir()
     (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
     data = prepare(PrepareOptions(sources=[str(root / "good.txt")], tokenizer="char", out=str(root / "data"),
@@ -151,6 +152,15 @@ CASES = [
     ("convert-hf-other-architecture", ["convert", "from-hf", "{w}/llama", "{t}/out"], "model_type 'llama' is not"),
     ("convert-to-hf-corrupt", ["convert", "to-hf", "@config", "{t}/out"], "is incomplete or corrupt"),
     ("convert-out-exists", ["convert", "to-hf", "{w}/run", "{w}/data"], "already exists; choose a new folder"),
+    # eval
+    ("eval-nothing", ["eval", "{w}/run"], "nothing to evaluate"),
+    ("eval-missing-task", ["eval", "{w}/run", "--task", "{w}/nope.jsonl"], "cannot read task file"),
+    ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"], "line 1: \"label\" must be"),
+    ("eval-stride", ["eval", "{w}/run", "--data", "{w}/data", "--stride", "0"], "--stride must be between"),
+    ("eval-other-tokenizer", ["eval", "{w}/run", "--data", "{w}/bad_utf8.txt"], "bad_utf8.txt"),
+    # classify
+    ("classify-no-head", ["classify", "{w}/run", "--text", "hello"], "has no task head"),
+    ("classify-missing", ["classify", "{w}/nowhere", "--text", "hello"], "checkpoint not found"),
     # look inside
     ("tokenize-empty", ["tokenize", ""], "the text is empty"),
     ("tokenize-two-sources", ["tokenize", "--tokenizer", "gpt2", "--data", "{w}/data", "hi"], "give only one of"),
@@ -186,5 +196,6 @@ def test_a_user_mistake_is_one_line_exit_2_and_leaves_no_trace(world, tmp_path, 
 
 def test_the_catalogue_covers_every_verb_and_forty_mistakes():
     verbs = {case[1][0] for case in CASES}
-    assert {"prepare", "train", "sample", "chat", "info", "convert", "tokenize", "next", "attention", "embed"} <= verbs
+    assert {"prepare", "train", "sample", "chat", "info", "convert", "eval", "classify", "tokenize", "next",
+            "attention", "embed"} <= verbs
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
