@@ -95,3 +95,22 @@ def test_checkpoint_files(checkpoint_folder, name, content, keep):
             load_training_state(folder)
 
         only_our_error(read_all)
+
+
+task_lines = st.lists(st.one_of(st.text(max_size=60), json_values.map(json.dumps),
+                                st.fixed_dictionaries({"context": json_values, "choices": json_values,
+                                                       "label": json_values}).map(json.dumps),
+                                st.fixed_dictionaries({"text": json_values, "label": json_values}).map(json.dumps)),
+                      max_size=5)
+
+
+@FUZZ
+@given(lines=task_lines, kind=st.sampled_from(["classify", "entail", "similar", "choice"]))
+def test_task_files(tmp_path, lines, kind):
+    from gpt.evaluate import read_task
+    from gpt.tasks import read_task_file
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    only_our_error(lambda: read_task_file(path, kind))
+    only_our_error(lambda: read_task(path))
