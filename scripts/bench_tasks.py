@@ -33,9 +33,9 @@ CONFIG = "configs/finetune_speaker.yaml"
 WORD = re.compile(r"[a-z']+")
 
 
-def fine_tune(name: str, out: Path, overrides: list[str]) -> str:
-    """Run `gpt train` on the speaker config; a markdown row with final and best val accuracy."""
-    run = out / name
+def fine_tune(name: str, folder: str, out: Path, overrides: list[str]) -> str:
+    """Run `gpt train` on the speaker config into out/folder; a markdown row with final and best val accuracy."""
+    run = out / folder
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "gpt.cli", "train", CONFIG, "--overwrite", f"train.out_dir={run}",
                     f"task.train={out / 'train.jsonl'}", f"task.val={out / 'val.jsonl'}", *overrides],
@@ -90,11 +90,11 @@ def main() -> None:
     names = sorted({item["label"] for item in train})
     majority = max(names, key=lambda n: sum(item["label"] == n for item in train))
     rows = [
-        fine_tune("fine-tuned, lm_weight 0.5", out, [f"train.init_from={args.pretrained}", *args.overrides]),
-        fine_tune("fine-tuned, lm_weight 0", out, [f"train.init_from={args.pretrained}", "task.lm_weight=0",
-                                                   *args.overrides]),
-        fine_tune("from scratch, lm_weight 0.5", out, ["train.init_from=null", f"data.dir={args.data}",
-                                                       *args.overrides]),
+        fine_tune("fine-tuned, lm_weight 0.5", "tuned", out, [f"train.init_from={args.pretrained}", *args.overrides]),
+        fine_tune("fine-tuned, lm_weight 0", "tuned_lm0", out, [f"train.init_from={args.pretrained}",
+                                                                "task.lm_weight=0", *args.overrides]),
+        fine_tune("from scratch, lm_weight 0.5", "scratch", out, ["train.init_from=null", f"data.dir={args.data}",
+                                                                  *args.overrides]),
         f"| bag-of-words logistic regression | {bag_of_words(train, val, names):.3f} | - | - |",
         f"| majority class ({majority}) | {sum(item['label'] == majority for item in val) / len(val):.3f} | - | - |",
     ]
