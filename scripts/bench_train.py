@@ -20,8 +20,8 @@ import torch
 from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import load_config
 from gpt.device import autocast_for
+from gpt.objectives import evaluate
 from gpt.shards import load_dataset
-from gpt.train import evaluate
 
 
 def main() -> None:

@@ -1,0 +1,242 @@
+"""What a run trains for: language modelling (pretraining, LM fine-tuning) or a GPT-1 task.
+
+An `Objective` gives the training loop in `gpt.train` the module to train around the GPT, the
+micro-batches it reads and what an evaluation reports; it also checks the data, the config and
+a `train.init_from` source before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from gpt import tasks
+from gpt.checkpoint import Checkpoint, assign_weights, split_head
+from gpt.config import Config, ModelConfig
+from gpt.convert import ImportedModel, read_model_source
+from gpt.errors import GptError
+from gpt.evaluate import bits_per_byte
+from gpt.formats import DatasetMeta
+from gpt.metrics import Evaluation
+from gpt.model import GPT
+from gpt.shards import BatchSampler, Dataset, Sampler, load_dataset
+from gpt.tokenizer import TokenizerSpec
+
+# Model fields that may change between a checkpoint and the run that continues it.
+NON_SHAPE_FIELDS = {"dropout", "attn_dropout", "preset"}
+
+
+# ----------------------------------------------------------------------------- checks
+
+def resolve_vocab(config: Config, dataset: Dataset) -> Config:
+    """Fill model.vocab_size from the data, or check that the given one matches it."""
+    if config.model.vocab_size is None:
+        model = dataclasses.replace(config.model, vocab_size=dataset.vocab_size)
+        return dataclasses.replace(config, model=model)
+    if config.model.vocab_size != dataset.vocab_size:
+        raise GptError(f"model.vocab_size is {config.model.vocab_size} but the data in {dataset.folder} has "
+                       f"{dataset.vocab_size} tokens; set model.vocab_size=null to take it from the data")
+    return config
+
+
+def check_block_size(dataset: Dataset, block_size: int) -> None:
+    for split, shards in dataset.splits.items():
+        longest = max((len(s) for s in shards), default=0)
+        if longest <= block_size:
+            raise GptError(f"the {split} split's longest shard has {longest} tokens, not more than "
+                           f"model.block_size={block_size}; lower model.block_size or prepare more data")
+
+
+def shape_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)
+            if f.name not in NON_SHAPE_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> ImportedModel:
+    """Fine-tuning start: the language model of another run (or of a Hugging Face GPT-2 folder,
+    `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
+    special tokens that a language model lacks: they keep their fresh initialisation."""
+    source = read_model_source(path)
+    changed = [name for name in shape_differences(source.config, config.model)
+               if not (name == "vocab_size" and _grows_for_task(source.config, config))]
+    if changed:
+        detail = ", ".join(f"model.{n}={getattr(source.config, n)!r} (here {getattr(config.model, n)!r})"
+                           for n in changed)
+        raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
+                       "use the checkpoint's model settings")
+    if source.tokenizer != tokenizer:
+        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
+                       f"differs from the data's {tokenizer.name}; prepare the data with the checkpoint's tokenizer")
+    return source
+
+
+def _grows_for_task(source: ModelConfig, config: Config) -> bool:
+    return config.task.kind is not None and source.vocab_size + tasks.NUM_SPECIAL == config.model.vocab_size
+
+
+def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
+    """Copy a checked `check_init_from` source into a new model; a task head never carries over."""
+    weights, _ = split_head(source.weights)
+    if _grows_for_task(source.config, config):
+        weights = tasks.with_special_rows(weights, model)
+    assign_weights(model, weights, config.train.init_from)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+class Objective(Protocol):
+    """What a run trains for. The loop is the same for every objective; what differs is the
+    module trained around the GPT, the micro-batches (tuples of tensors that the module's
+    forward takes, returning (output, loss)) and what an evaluation reports."""
+
+    config: Config            # resolved: the vocabulary size (and a task's labels) filled in
+    tokenizer: TokenizerSpec  # saved with every checkpoint
+    unit: str                 # what one row of a micro-batch is, for the start-up line
+
+    def describe(self) -> str: ...
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, torch.nn.Module | None, torch.nn.Module]:
+        """(the GPT, a task head or None, the module to train), started from `source`'s weights if given."""
+
+    def sampler(self, seed: list[int]) -> Sampler: ...
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation: ...
+
+
+class LanguageModelling:
+    """Pretraining and LM fine-tuning: random windows of the token shards, next-token loss."""
+
+    def __init__(self, config: Config):
+        self.dataset = load_dataset(config.data.dir)
+        self.config = resolve_vocab(config, self.dataset)
+        check_block_size(self.dataset, config.model.block_size)
+        if "train" not in self.dataset.splits:
+            raise GptError(f"{self.dataset.folder} has no train split; run `gpt prepare` again")
+        self.tokenizer = self.dataset.meta.tokenizer
+        self.unit = f"sequences of {config.model.block_size} tokens"
+
+    def describe(self) -> str:
+        return f"data: {self.dataset.folder}, {self.dataset.num_tokens('train'):,} train tokens"
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, None, GPT]:
+        model = GPT(self.config.model)
+        if source is not None:
+            init_weights(model, source, self.config)
+        return model, None, model
+
+    def sampler(self, seed: list[int]) -> BatchSampler:
+        return BatchSampler(self.dataset.splits["train"], self.config.model.block_size, self.config.train.batch_size,
+                            seed=seed)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+        tc = self.config.train
+        losses = evaluate(model, self.dataset, self.config.model.block_size, tc.batch_size, tc.eval_iters, tc.seed,
+                          device, autocast)
+        val = self.dataset.meta.splits.get("val")
+        # Bits per byte compare models with different tokenizers; datasets record the bytes of each split.
+        val_bpb = bits_per_byte(losses["val"], val.tokens, val.bytes) if "val" in losses and val.bytes else None
+        return Evaluation(losses=losses, val_bpb=val_bpb)
+
+
+class TaskFineTuning:
+    """GPT-1 task fine-tuning (`gpt.tasks`): items framed by special tokens, task loss plus
+    lm_weight x LM loss on the task text; evaluations report loss and accuracy per split
+    (the train split on a fixed sample of at most eval_iters batches, val in full)."""
+
+    def __init__(self, config: Config, tokenizer: TokenizerSpec):
+        task, text = config.task, tokenizer.build()
+        self.tokenizer, self.text_vocab, self.unit = tokenizer, text.vocab_size, "items"
+        items = {"train": tasks.read_task_file(task.train, task.kind)}
+        if task.val:
+            items["val"] = tasks.read_task_file(task.val, task.kind)
+        labels = None
+        if task.kind != "choice":
+            labels = task.labels or tasks.label_names(items["train"], task.kind, task.train)
+        self.config = _resolve_task_config(config, labels, text.vocab_size)
+        self.names = {split: labels or tasks.label_names(found, task.kind, "") for split, found in items.items()}
+        self.examples = {split: tasks.encode_items(found, self.names[split], text, config.model.block_size)
+                         for split, found in items.items()}
+        tc = config.train
+        order = np.random.default_rng([tc.seed, 1]).permutation(len(self.examples["train"]))
+        self.eval_sets = {"train": [self.examples["train"][i] for i in order[:tc.eval_iters * tc.batch_size]],
+                          **({"val": self.examples["val"]} if "val" in self.examples else {})}
+
+    def describe(self) -> str:
+        task = self.config.task
+        splits = ", ".join(f"{split} {len(found):,} items ({sum(e.cropped for e in found):,} cropped)"
+                           for split, found in self.examples.items())
+        labels = f"labels {', '.join(task.labels)}" if task.labels else "softmax over each item's choices"
+        return (f"task: {task.kind}, {labels}; {splits}; rows longer than model.block_size="
+                f"{self.config.model.block_size} are cropped, keeping the end of the first text")
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, tasks.TaskHead, tasks.TaskModel]:
+        model = GPT(self.config.model)
+        head = tasks.make_head(self.config)
+        if source is not None:
+            init_weights(model, source, self.config)
+        return model, head, tasks.TaskModel(model, head, self.config.task.lm_weight)
+
+    def sampler(self, seed: list[int]) -> tasks.TaskSampler:
+        return tasks.TaskSampler(self.examples["train"], self.config.train.batch_size, self.text_vocab, seed)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+        result = Evaluation(losses={})
+        for split, examples in self.eval_sets.items():
+            loss, accuracy = tasks.evaluate_split(model, examples, self.names[split], split,
+                                                  self.config.train.batch_size, self.text_vocab, device, autocast)
+            result.losses[split] = loss
+            result.accuracy.update(accuracy)
+        return result
+
+
+def _resolve_task_config(config: Config, labels: list[str] | None, text_vocab: int) -> Config:
+    """Fill model.vocab_size (the tokenizer's plus the special tokens) and task.labels."""
+    vocab_size = text_vocab + tasks.NUM_SPECIAL
+    if config.model.vocab_size not in (None, vocab_size):
+        raise GptError(f"model.vocab_size is {config.model.vocab_size} but a task run's is the tokenizer's "
+                       f"{text_vocab} plus {tasks.NUM_SPECIAL} special tokens; set model.vocab_size=null")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size),
+                               task=dataclasses.replace(config.task, labels=labels))
+
+
+def task_tokenizer(config: Config, checkpoint: Checkpoint | None) -> TokenizerSpec:
+    """A task run's tokenizer: the resumed checkpoint's, else train.init_from's, else (training
+    from scratch) the one data.dir was prepared with."""
+    if checkpoint is not None:
+        return checkpoint.tokenizer_spec
+    if config.train.init_from:
+        return read_model_source(config.train.init_from).tokenizer
+    if not (Path(config.data.dir) / "meta.json").is_file():
+        raise GptError(f"a task run takes its tokenizer from train.init_from (a pretrained run) or, from scratch, "
+                       f"from data.dir, and {config.data.dir} holds no dataset; set train.init_from")
+    return DatasetMeta.read(config.data.dir).tokenizer
+
+
+def make_objective(config: Config, checkpoint: Checkpoint | None) -> Objective:
+    if config.task.kind is None:
+        return LanguageModelling(config)
+    return TaskFineTuning(config, task_tokenizer(config, checkpoint))
+
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, block_size: int, batch_size: int, eval_iters: int,
+             seed: int, device: torch.device, autocast: Callable) -> dict[str, float]:
+    """Mean loss per split over `eval_iters` batches. The batches are the same at every
+    evaluation (own RNG), so the curve shows the model changing, not the sample."""
+    model.eval()
+    losses = {}
+    for split, shards in dataset.splits.items():
+        sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1])
+        total = torch.zeros((), device=device)
+        for _ in range(eval_iters):
+            x, y = sampler.next_batch()
+            with autocast():
+                total += model(x.to(device), y.to(device))[1].float()
+        losses[split] = total.item() / eval_iters
+    model.train()
+    return losses
