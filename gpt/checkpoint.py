@@ -5,22 +5,38 @@ The layout of a run folder is `gpt.formats.RunFolder`. A checkpoint is written t
 completeness marker, so a crash at any moment leaves the previous checkpoint intact. `best`
 is a link to a complete `best_N/` folder, switched the same way. Nothing is unpickled:
 weights are safetensors and the training state is read with `torch.load(weights_only=True)`.
+
+Under FSDP the optimizer state is never gathered onto one rank (for a model too large for one
+device it would not fit): each rank writes its shard with `torch.distributed.checkpoint` into
+the checkpoint's `optimizer/` folder, which moves into `ckpt_N.tmp/` before the rename, so the
+completeness rule is unchanged. The weights are still gathered into one model.safetensors on
+rank 0: every reader (`gpt sample`, `convert`, `eval`, `init_from`) keeps working in one process
+and on any device, and weights are a small part of training memory (the AdamW state is twice
+their size). DCP reshards on load, so the optimizer resumes under any world size, FSDP or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
+from gpt import distributed
 from gpt.config import Config, build_config, dump_yaml, read_yaml
 from gpt.durable import fsync_path, write_durably
 from gpt.errors import GptError
@@ -29,6 +45,8 @@ from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, TokenizerSpec
 
 WEIGHTS = RunFolder.WEIGHTS
+# An FSDP run's optimizer state: a torch.distributed.checkpoint folder inside the checkpoint.
+OPTIMIZER_SHARDS = "optimizer"
 # A task head's weights sit beside the model's in model.safetensors under this prefix.
 HEAD_PREFIX = "head."
 
@@ -45,10 +63,11 @@ class Checkpoint:
         return self.tokenizer_spec.build()
 
 
-def _weights(model: GPT, head: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """State dict without the tied output matrix (safetensors stores no shared tensors), plus
-    the task head's under HEAD_PREFIX."""
-    state = model.state_dict()
+def _weights(model: GPT, head: torch.nn.Module | None, state: dict[str, torch.Tensor] | None
+             ) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `state`, an FSDP model's gathered one) without the tied
+    output matrix (safetensors stores no shared tensors), plus the task head's under HEAD_PREFIX."""
+    state = dict(state) if state is not None else model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     if head is not None:
@@ -57,9 +76,9 @@ def _weights(model: GPT, head: torch.nn.Module | None) -> dict[str, torch.Tensor
 
 
 def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-                       head: torch.nn.Module | None = None) -> None:
+                       head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     folder.mkdir(parents=True)
-    save_file(_weights(model, head), str(folder / WEIGHTS))
+    save_file(_weights(model, head, weights), str(folder / WEIGHTS))
     fsync_path(folder / WEIGHTS)
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
@@ -75,16 +94,19 @@ def _atomic_link(link: Path, target: str) -> None:
 
 
 def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-                  training: dict | None = None, head: torch.nn.Module | None = None) -> None:
+                  training: dict | None = None, head: torch.nn.Module | None = None,
+                  weights: dict[str, torch.Tensor] | None = None, optimizer_shards: Path | None = None) -> None:
     """Write a complete checkpoint folder at `final` (through a temporary one and a rename). A
     failed write (disk full, no permission) leaves no partial copy and ends the run with one
     line: a run that goes on without saving would lose everything after the last checkpoint."""
     try:
         with replacing_folder(final) as tmp:
-            _write_model_files(tmp, model, config, tokenizer, state, head)
+            _write_model_files(tmp, model, config, tokenizer, state, head, weights)
             if training is not None:
                 torch.save(training, tmp / RunFolder.TRAINING)
                 fsync_path(tmp / RunFolder.TRAINING)
+            if optimizer_shards is not None:
+                optimizer_shards.rename(tmp / OPTIMIZER_SHARDS)
     except (OSError, SafetensorError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:160]
         raise GptError(f"cannot write checkpoint {final} ({reason}); free disk space or choose another "
@@ -92,15 +114,17 @@ def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerS
 
 
 def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-                    training: dict, keep_last: int, head: torch.nn.Module | None = None) -> Path:
+                    training: dict, keep_last: int, head: torch.nn.Module | None = None,
+                    weights: dict[str, torch.Tensor] | None = None, optimizer_shards: Path | None = None) -> Path:
     """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`.
     `state` goes to state.json (readable); `training` (optimizer, scaler, per-rank sampler and
-    RNG states) to optimizer.pt; a task run's `head` goes beside the model's weights."""
+    RNG states) to optimizer.pt; a task run's `head` goes beside the model's weights. An FSDP
+    run gives its gathered `weights` and the folder `stage_optimizer_shards` wrote."""
     final = run.checkpoint(state["iter"])
     # An iteration already saved (a resumed run stopped before its first step) is kept:
     # deleting it to write it again would leave `latest` dangling for a moment.
     if not final.is_dir():
-        _write_folder(final, model, config, tokenizer, state, training, head)
+        _write_folder(final, model, config, tokenizer, state, training, head, weights, optimizer_shards)
     _atomic_link(run.latest, final.name)
     for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -136,12 +160,12 @@ def replacing_folder(final: Path) -> Iterator[Path]:
 
 
 def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
-              head: torch.nn.Module | None = None) -> None:
+              head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Point `best` at a new complete best_<iter>/ folder, then delete the previous one. At
     every moment `best` is either the old complete folder or the new one."""
     final = run.root / f"best_{state['iter']:06d}"
     if not final.is_dir():
-        _write_folder(final, model, config, tokenizer, state, head=head)
+        _write_folder(final, model, config, tokenizer, state, head=head, weights=weights)
     _atomic_link(run.best, final.name)
     for old in run.root.glob("best_*"):
         if old.name != final.name and old.is_dir():
@@ -245,3 +269,97 @@ def safe_torch_load(path: Path) -> Any:
     except Exception as exc:  # a damaged or hostile file can fail anywhere in torch's unpickler
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None
+
+
+# ----------------------------------------------------------------------------- sharded optimizer state (FSDP)
+
+def stage_optimizer_shards(run: RunFolder, iteration: int, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, dist: distributed.Dist) -> Path:
+    """Every rank writes its part of the optimizer state into a hidden folder beside the
+    checkpoint (rank 0 writes the index last); rank 0's `save_checkpoint` then moves it into
+    the new checkpoint. Every rank must call this."""
+    folder = run.root / f".{run.checkpoint(iteration).name}.{OPTIMIZER_SHARDS}"
+    if dist.is_main:
+        shutil.rmtree(folder, ignore_errors=True)  # what an interrupted save left
+    distributed.barrier(dist)
+    try:
+        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=folder)
+    except Exception as exc:  # DCP wraps each rank's OSError in its own exception type
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise GptError(f"cannot write checkpoint shards to {folder} ({reason}); free disk space or choose "
+                       "another train.out_dir, then resume: the previous checkpoint is intact") from None
+    return folder
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                   training: dict[str, Any]) -> None:
+    """Restore the optimizer of `model` (plain, DDP's inner module or FSDP-sharded) from a
+    checkpoint: its DCP `optimizer/` folder (resharded to this run's ranks) or optimizer.pt."""
+    if (folder / OPTIMIZER_SHARDS).is_dir():
+        state = get_optimizer_state_dict(model, optimizer)
+        try:
+            dcp.load(state, storage_reader=_SafeReader(folder / OPTIMIZER_SHARDS), planner=_SafeLoadPlanner(),
+                     no_dist=not torch.distributed.is_initialized())
+        except GptError:
+            raise
+        except Exception as exc:  # a damaged folder fails anywhere in DCP's reader
+            raise GptError(f"{folder / OPTIMIZER_SHARDS} cannot be read ({type(exc).__name__}); "
+                           "the checkpoint is corrupt, resume from another one") from None
+        set_optimizer_state_dict(model, optimizer, state)
+    elif "optimizer" in training and any(isinstance(p, DTensor) for p in model.parameters()):
+        # A plain run's optimizer.pt keys its state by parameter index; FSDP needs names.
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        saved = training["optimizer"]
+        by_name = {"state": {order[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    elif "optimizer" not in training:
+        raise GptError(f"{folder} was written by an older version of gpt and cannot be resumed; "
+                       f"start a new run with train.init_from={folder} to keep its weights")
+    else:
+        optimizer.load_state_dict(training["optimizer"])
+
+
+# What a DCP index (.metadata, a pickle) may name: DCP's own metadata records and torch's
+# plain value types. Anything else is refused, so a tampered index cannot run code.
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = ((module, name) in _DCP_GLOBALS or module == "torch.distributed.checkpoint.metadata"
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+        return super().find_class(module, name)
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with the index read by `_DcpUnpickler` instead of plain pickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as file:
+                metadata = _DcpUnpickler(file).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            raise GptError(f"{path} was refused: not a checkpoint index ({exc})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner unpickles non-tensor values (learning rates, betas) with
+    weights_only=False; here they are first read with weights_only=True, which admits only
+    plain values, and handed on re-serialised."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        checked = torch.load(value, weights_only=True)
+        buffer = io.BytesIO()
+        torch.save(checked, buffer)
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)

@@ -144,6 +144,11 @@ class TrainConfig:
                                       "or hf:DIR for a Hugging Face GPT-2 folder on disk")
     peak_flops: Optional[float] = option(None, "device peak FLOP/s for MFU; null guesses from the device")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = option(
+        "auto", "under torchrun: ddp (a full copy per process) or fsdp (weights and optimizer sharded across "
+        "processes); auto is ddp when there are several processes")
+    dist_timeout: float = option(600.0, "seconds a process waits in a collective for the others before the "
+                                 "job fails (a peer that died or hangs)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
@@ -158,6 +163,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.dist_timeout > 0, f"train.dist_timeout must be positive, got {self.dist_timeout}")
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                  f"train.device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
 

@@ -1,14 +1,25 @@
-"""Multi-process training under `torchrun`: process group, DDP wrapping, rank-0-only I/O."""
+"""Multi-process training under `torchrun`: process group, DDP or FSDP2 wrapping, rank-0-only I/O.
+
+The launcher is torchrun itself (single node: `--standalone`; multi-node: `--nnodes` and
+`--rdzv-endpoint`); this module only reads the environment torchrun sets. A rank that dies is
+noticed by torchrun, which stops the others; the process-group timeout (train.dist_timeout)
+bounds how long a rank on another node waits in a collective for a peer that is gone.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from gpt.errors import GptError
 
 
 @dataclass
@@ -26,7 +37,7 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device_type: str) -> Dist:
+def setup(device_type: str, timeout_s: float = 600.0) -> Dist:
     """Join the process group when started by torchrun (RANK/WORLD_SIZE set), else one process."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
@@ -34,8 +45,16 @@ def setup(device_type: str) -> Dist:
                 world_size=int(os.environ["WORLD_SIZE"]))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return info
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process died or stopped answering: gloo
+    says so in a RuntimeError, NCCL raises a DistError."""
+    return isinstance(exc, dist.DistError) or any(
+        sign in str(exc) for sign in ("Timed out", "Connection closed", "Connection reset", "Broken pipe"))
 
 
 def teardown(info: Dist) -> None:
@@ -43,17 +62,46 @@ def teardown(info: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:
+def resolve_parallel(setting: str, info: Dist) -> str:
+    """train.parallel as it applies here: auto is ddp under torchrun with several processes;
+    with one process there is nothing to split, so every setting trains plainly."""
     if not info.enabled:
-        return model
+        return "none"
+    if setting == "none":
+        raise GptError(f"train.parallel=none but torchrun started {info.world_size} processes; "
+                       "set train.parallel to auto, ddp or fsdp, or run one process")
+    return "ddp" if setting == "auto" else setting
+
+
+def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, param_dtype: torch.dtype | None) -> None:
+    """FSDP2, in place: each Transformer block is its own unit (its weights are gathered just
+    before it runs and freed after), then the root holds the rest (embeddings, final norm).
+    With a bf16 dtype the gathered weights are bf16 for compute while gradients are reduced in
+    fp32; the sharded master weights and the optimizer stay fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def mean_across_ranks(value: torch.Tensor, info: Dist) -> float:
-    """The mean of a scalar tensor over all ranks, read to the host."""
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole state dict, gathered onto rank 0's CPU (other ranks get {}).
+    Every rank must call it: it is a collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def mean_across_ranks(value: torch.Tensor | float, info: Dist) -> float:
+    """The mean of a scalar over all ranks, read to the host."""
+    value = torch.as_tensor(value)
     if not info.enabled:
         return value.item()
     total = value.detach().double().clone()
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
     dist.all_reduce(total)
     return total.item() / info.world_size
 

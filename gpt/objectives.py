@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from gpt import tasks
+from gpt import distributed, tasks
 from gpt.checkpoint import Checkpoint, assign_weights, split_head
 from gpt.config import Config, ModelConfig
 from gpt.convert import ImportedModel, read_model_source
@@ -102,9 +102,12 @@ class Objective(Protocol):
     def build_model(self, source: ImportedModel | None) -> tuple[GPT, torch.nn.Module | None, torch.nn.Module]:
         """(the GPT, a task head or None, the module to train), started from `source`'s weights if given."""
 
-    def sampler(self, seed: list[int]) -> Sampler: ...
+    def sampler(self, seed: list[int], dist: distributed.Dist) -> Sampler:
+        """The training micro-batches of this process (rank `dist.rank`)."""
 
-    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation: ...
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable,
+                 dist: distributed.Dist) -> Evaluation:
+        """Losses (and accuracies) that agree on every rank."""
 
 
 class LanguageModelling:
@@ -128,14 +131,16 @@ class LanguageModelling:
             init_weights(model, source, self.config)
         return model, None, model
 
-    def sampler(self, seed: list[int]) -> BatchSampler:
+    def sampler(self, seed: list[int], dist: distributed.Dist) -> BatchSampler:
+        # One seed for all ranks: each draws the job's batch and keeps its rows (see BatchSampler).
         return BatchSampler(self.dataset.splits["train"], self.config.model.block_size, self.config.train.batch_size,
-                            seed=seed)
+                            seed=[*seed, 0], rank=dist.rank, world_size=dist.world_size)
 
-    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable,
+                 dist: distributed.Dist) -> Evaluation:
         tc = self.config.train
         losses = evaluate(model, self.dataset, self.config.model.block_size, tc.batch_size, tc.eval_iters, tc.seed,
-                          device, autocast)
+                          device, autocast, dist)
         val = self.dataset.meta.splits.get("val")
         # Bits per byte compare models with different tokenizers; datasets record the bytes of each split.
         val_bpb = bits_per_byte(losses["val"], val.tokens, val.bytes) if "val" in losses and val.bytes else None
@@ -180,10 +185,14 @@ class TaskFineTuning:
             init_weights(model, source, self.config)
         return model, head, tasks.TaskModel(model, head, self.config.task.lm_weight)
 
-    def sampler(self, seed: list[int]) -> tasks.TaskSampler:
-        return tasks.TaskSampler(self.examples["train"], self.config.train.batch_size, self.text_vocab, seed)
+    def sampler(self, seed: list[int], dist: distributed.Dist) -> tasks.TaskSampler:
+        # Each rank shuffles the items with its own seed.
+        return tasks.TaskSampler(self.examples["train"], self.config.train.batch_size, self.text_vocab,
+                                 [*seed, dist.rank])
 
-    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable) -> Evaluation:
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable,
+                 dist: distributed.Dist) -> Evaluation:
+        # Every rank scores every item with the same weights (tasks train under DDP only), so they agree.
         result = Evaluation(losses={})
         for split, examples in self.eval_sets.items():
             loss, accuracy = tasks.evaluate_split(model, examples, self.names[split], split,
@@ -225,18 +234,22 @@ def make_objective(config: Config, checkpoint: Checkpoint | None) -> Objective:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, block_size: int, batch_size: int, eval_iters: int,
-             seed: int, device: torch.device, autocast: Callable) -> dict[str, float]:
+             seed: int, device: torch.device, autocast: Callable,
+             dist: distributed.Dist | None = None) -> dict[str, float]:
     """Mean loss per split over `eval_iters` batches. The batches are the same at every
-    evaluation (own RNG), so the curve shows the model changing, not the sample."""
+    evaluation (own RNG), so the curve shows the model changing, not the sample. Under
+    torchrun each rank scores its rows of the job's batches and the means are averaged."""
+    dist = dist or distributed.Dist()
     model.eval()
     losses = {}
     for split, shards in dataset.splits.items():
-        sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1])
+        sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1], rank=dist.rank,
+                               world_size=dist.world_size)
         total = torch.zeros((), device=device)
         for _ in range(eval_iters):
             x, y = sampler.next_batch()
             with autocast():
                 total += model(x.to(device), y.to(device))[1].float()
-        losses[split] = total.item() / eval_iters
+        losses[split] = distributed.mean_across_ranks(total, dist) / eval_iters
     model.train()
     return losses

@@ -117,10 +117,14 @@ class BatchSampler:
 
     Only the windows are read from the memory-mapped shards, never a whole split. The numpy
     generator is the sampler's only state, so `state_dict()` and `load_state_dict()` reproduce
-    the data order exactly."""
+    the data order exactly. Under torchrun every rank seeds alike and draws the positions of
+    the whole job's batch (batch_size x world_size rows), then reads only its own rows: the
+    ranks' batches are disjoint and together equal the batch one process would draw."""
 
-    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int | list[int]):
+    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int | list[int],
+                 rank: int = 0, world_size: int = 1):
         self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
         self.shards = [s for s in shards if len(s) > block_size]
         if not self.shards:
             longest = max((len(s) for s in shards), default=0)
@@ -132,12 +136,14 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs x and next-token targets y, both (batch_size, block_size) int64."""
-        which = self.rng.choice(len(self.shards), size=self.batch_size, p=self.shard_weights)
+        which = self.rng.choice(len(self.shards), size=self.batch_size * self.world_size, p=self.shard_weights)
         windows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        first = self.rank * self.batch_size
         for row, shard_index in enumerate(which):
             shard = self.shards[shard_index]
             start = int(self.rng.integers(0, len(shard) - self.block_size))
-            windows[row] = shard[start:start + self.block_size + 1]
+            if first <= row < first + self.batch_size:
+                windows[row - first] = shard[start:start + self.block_size + 1]
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
 

@@ -24,7 +24,16 @@ from typing import Any, Callable, Protocol
 import torch
 
 from gpt import distributed
-from gpt.checkpoint import Checkpoint, load_training_state, load_weights, read_checkpoint, save_best, save_checkpoint
+from gpt.checkpoint import (
+    Checkpoint,
+    load_optimizer,
+    load_training_state,
+    load_weights,
+    read_checkpoint,
+    save_best,
+    save_checkpoint,
+    stage_optimizer_shards,
+)
 from gpt.config import Config, dump_yaml, to_dict
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
 from gpt.durable import FolderLock
@@ -245,48 +254,89 @@ class Trainer:
     device: torch.device
     autocast: Callable
     dist: distributed.Dist
+    parallel: str = "none"          # none | ddp | fsdp, as resolved for this job
     state: TrainState = dataclasses.field(default_factory=TrainState)
 
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp"
+
     def shared_state(self) -> dict[str, Resumable]:
-        """What every rank holds alike (rank 0's copy is saved)."""
-        return {"optimizer": self.optimizer, **({"scaler": self.scaler} if self.scaler is not None else {})}
+        """What every rank holds alike (rank 0's copy is saved). A sharded optimizer is not
+        alike: each rank saves its own part (`stage_optimizer_shards`)."""
+        return {**({} if self.sharded else {"optimizer": self.optimizer}),
+                **({"scaler": self.scaler} if self.scaler is not None else {})}
 
     def rank_state(self) -> dict[str, Resumable]:
         """What differs between ranks: the data position and the random generators."""
         return {"data": self.batches, "rng": RNGState(self.device)}
 
     def save(self) -> None:
+        """Every rank calls this (gathers are collectives); rank 0 writes the checkpoint."""
         ranks = distributed.gather_objects({k: v.state_dict() for k, v in self.rank_state().items()}, self.dist)
+        weights, shards = self.gather_weights(), None
+        if self.sharded:
+            shards = stage_optimizer_shards(self.run, self.state.iter, self.trained, self.optimizer, self.dist)
         if not self.dist.is_main:
             return
         training = {**{k: v.state_dict() for k, v in self.shared_state().items()}, "ranks": ranks}
         save_checkpoint(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(), training,
-                        self.config.train.keep_last, head=self.head)
+                        self.config.train.keep_last, head=self.head, weights=weights, optimizer_shards=shards)
 
     def save_best(self) -> None:
-        save_best(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(), head=self.head)
+        """Every rank calls this; rank 0 writes best/."""
+        weights = self.gather_weights()
+        if self.dist.is_main:
+            save_best(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(),
+                      head=self.head, weights=weights)
+
+    def gather_weights(self) -> dict[str, torch.Tensor] | None:
+        """An FSDP model's full weights on rank 0 (None when each rank holds them whole)."""
+        return distributed.full_state_dict(self.trained) if self.sharded else None
 
     def state_json(self) -> dict[str, Any]:
         return {**self.state.state_dict(), "world_size": self.dist.world_size}
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        load_weights(self.model, checkpoint.path, self.head)
-        self.trained.to(self.device)
+        """Optimizer, scaler, progress and (same world size) data position and RNG; the
+        weights were loaded before the model was wrapped (`build_trainer`)."""
         training = load_training_state(checkpoint.path)
-        if "ranks" not in training or "optimizer" not in training:
+        if "ranks" not in training:
             raise GptError(f"{checkpoint.path} was written by an older version of gpt and cannot be resumed; "
                            f"start a new run with train.init_from={checkpoint.path} to keep its weights")
         self.state.load_state_dict(checkpoint.state)
-        for key, part in self.shared_state().items():
-            if key in training:
-                part.load_state_dict(training[key])
+        load_optimizer(self.trained, self.optimizer, checkpoint.path, training)
+        if self.scaler is not None and "scaler" in training:
+            self.scaler.load_state_dict(training["scaler"])
         ranks = training["ranks"]
         if len(ranks) == self.dist.world_size:
             for key, part in self.rank_state().items():
                 part.load_state_dict(ranks[self.dist.rank][key])
         elif self.dist.is_main:
             print(f"warning: checkpoint was written by {len(ranks)} processes, this run has "
-                  f"{self.dist.world_size}; the data order restarts from a new random position", file=sys.stderr)
+                  f"{self.dist.world_size}: weights and optimizer carry over; the data order and the random "
+                  "generators restart from the seed", file=sys.stderr)
+
+
+def check_parallel(parallel: str, config: Config, dtype: torch.dtype) -> None:
+    if parallel != "fsdp":
+        return
+    if config.task.kind is not None:
+        raise GptError("train.parallel=fsdp shards language models only; fine-tune a task with train.parallel=ddp")
+    if dtype == torch.float16:
+        raise GptError("train.parallel=fsdp with train.dtype=float16 is not supported (its GradScaler does not "
+                       "handle sharded gradients); use train.dtype=bfloat16 or float32")
+
+
+def parallelize(trained: torch.nn.Module, model: GPT, parallel: str, compile_setting: bool | str,
+                device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The module forward passes go through: FSDP shards `trained` in place and is then
+    compiled; DDP wraps the compiled module (each in the order torch documents)."""
+    if parallel == "fsdp":
+        distributed.shard(trained, model.blocks, torch.bfloat16 if dtype == torch.bfloat16 else None)
+        return maybe_compile(trained, compile_setting, device)
+    compiled = maybe_compile(trained, compile_setting, device)
+    return distributed.wrap_ddp(compiled, device) if parallel == "ddp" else compiled
 
 
 def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distributed.Dist,
@@ -299,12 +349,14 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     dtype = pick_dtype(tc.dtype, device)
+    parallel = distributed.resolve_parallel(tc.parallel, dist)
     run = RunFolder(Path(tc.out_dir))
     if resume and not run.checkpoints():
         raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; drop --resume to start a new run")
     checkpoint = read_checkpoint(run.root) if resume else None
     objective = make_objective(config, checkpoint)
     config = objective.config
+    check_parallel(parallel, config, dtype)
     source = check_init_from(tc.init_from, config, objective.tokenizer) if tc.init_from and not resume else None
     if dist.is_main:
         hold.enter_context(FolderLock(run.lock, f"train.out_dir {run.root}"))
@@ -313,16 +365,21 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
             check_resume_config(checkpoint, config)
     distributed.barrier(dist)
 
-    torch.manual_seed(tc.seed + dist.rank)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank: FSDP shards them as they are
     model, head, trained = objective.build_model(source)
+    if dist.rank:
+        torch.manual_seed(tc.seed + dist.rank)  # but each rank its own dropout
+    if checkpoint is not None:
+        load_weights(model, checkpoint.path, head)  # before sharding: FSDP splits the loaded tensors
     trained.to(device)
+    forward_model = parallelize(trained, model, parallel, tc.compile, device, dtype)
+    # After sharding: FSDP replaces the parameters the optimizer must hold.
     optimizer = make_optimizer(trained, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    forward_model = distributed.wrap(maybe_compile(trained, tc.compile, device), dist, device)
-    batches = DeviceBatches(objective.sampler([tc.seed, 0, dist.rank]), tc.grad_accum, device)
+    batches = DeviceBatches(objective.sampler([tc.seed, 0], dist), tc.grad_accum, device)
     trainer = Trainer(config=config, run=run, objective=objective, model=model, head=head, trained=trained,
                       forward_model=forward_model, optimizer=optimizer, scaler=scaler, batches=batches,
-                      device=device, autocast=autocast_for(device, dtype), dist=dist)
+                      device=device, autocast=autocast_for(device, dtype), dist=dist, parallel=parallel)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     return trainer, checkpoint
@@ -330,7 +387,7 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
 
 def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> int:
     """Train (or continue) the run described by `config`; returns the process exit code."""
-    dist = distributed.setup(pick_device(config.train.device).type)
+    dist = distributed.setup(pick_device(config.train.device).type, config.train.dist_timeout)
     try:
         with contextlib.ExitStack() as hold:
             trainer, checkpoint = build_trainer(config, resume=resume, overwrite=overwrite, dist=dist, hold=hold)
@@ -344,6 +401,13 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> i
         raise GptError(f"out of GPU memory at train.batch_size={t.batch_size}, model.block_size="
                        f"{config.model.block_size}; lower train.batch_size and raise train.grad_accum to keep "
                        "the effective batch, or use a smaller model") from None
+    except RuntimeError as exc:  # DistError is one
+        if not (dist.enabled and distributed.lost_peer(exc)):
+            raise
+        reason = str(exc).strip().splitlines()[0][-120:]
+        raise GptError(f"rank {dist.rank} lost contact with the other processes ({reason}): one died (its error "
+                       f"is above) or hung for longer than train.dist_timeout={config.train.dist_timeout:g} s; "
+                       "fix it, then resume from the last checkpoint") from None
     finally:
         distributed.teardown(dist)
 
@@ -357,6 +421,10 @@ def _loop(tr: Trainer, resumed: bool) -> int:
         rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
+        if tr.dist.enabled:
+            print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
+                  f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
+                  "tok/s below counts the whole job")
     peak = peak_flops(tc.peak_flops, tr.device)
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
@@ -387,9 +455,9 @@ def _loop(tr: Trainer, resumed: bool) -> int:
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
             paused = time.perf_counter()
             if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
-                evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast)
+                evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
                 row.update(evaluation.row())
-                if state.record(evaluation) and tc.save_best and main:
+                if state.record(evaluation) and tc.save_best:  # every rank: the evaluation agrees
                     tr.save_best()
             if row and main:
                 metrics.write({"iter": state.iter, "tokens": state.tokens, **row})

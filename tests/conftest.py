@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpt.cli import main
 from gpt.config import build_config
@@ -50,3 +51,13 @@ def tiny_config(data_dir: Path, out_dir: Path, **train):
     settings.update(train)
     return build_config({"model": {"preset": "tiny", "block_size": 32, "dropout": 0.1},
                          "data": {"dir": str(data_dir)}, "train": settings})
+
+
+def tiny_yaml(tmp_path, data_dir, **train) -> str:
+    """A config file for subprocess runs: the tiny model, 4 x 32 tokens per step."""
+    settings = {"out_dir": str(tmp_path / "run"), "device": "cpu", "batch_size": 4, "eval_iters": 2,
+                "log_interval": 1, **train}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(data_dir)},
+                                    "train": settings}))
+    return str(path)

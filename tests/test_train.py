@@ -5,12 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, tiny_yaml
 
 from gpt import distributed
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
@@ -193,16 +191,6 @@ def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
         assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
 
 
-def tiny_yaml(tmp_path, data_dir, **train) -> str:
-    """A config file for subprocess runs: the tiny model, 4 x 32 tokens per step."""
-    settings = {"out_dir": str(tmp_path / "run"), "device": "cpu", "batch_size": 4, "eval_iters": 2,
-                "log_interval": 1, **train}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(data_dir)},
-                                    "train": settings}))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
     config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
@@ -230,53 +218,6 @@ def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
     assert train(config) == 0
     losses = read_checkpoint(tmp_path / "run").state["losses"]
     assert losses["val"] < 2.5
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
-    config = tiny_yaml(tmp_path, char_data, max_iters=6, eval_interval=3, ckpt_interval=3)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "gpt.cli", "train", config]
-    result = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = read_checkpoint(tmp_path / "run")
-    assert ckpt.state["iter"] == 6 and ckpt.state["world_size"] == 2
-    ranks = load_training_state(ckpt.path)["ranks"]
-    assert len(ranks) == 2 and ranks[0]["data"] != ranks[1]["data"]
-    assert not torch.equal(ranks[0]["rng"]["cpu"], ranks[1]["rng"]["cpu"])
-    assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
-    assert result.stdout.count("model: ") == 1  # only rank 0 prints
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert [int(r["iter"]) for r in rows] == list(range(1, 7))
-    result = subprocess.run(torchrun[:-1] + ["--resume", str(config), "train.max_iters=8"], cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 8
-
-
-def _worker_of_rank(parent_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
-    children = Path(f"/proc/{parent_pid}/task/{parent_pid}/children").read_text().split()
-    for pid in map(int, children):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker with RANK={rank} among {children}")
-
-
-@pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(char_data, tmp_path):
-    config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "gpt.cli", "train", config]
-    proc = subprocess.Popen(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("iter 3/"):
-            break
-    os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
-    proc.communicate(timeout=120)  # a rank left waiting in a collective would hang here
-    ckpt = read_checkpoint(tmp_path / "run")
-    assert ckpt.state["iter"] >= 3 and len(load_training_state(ckpt.path)["ranks"]) == 2
 
 
 def test_saving_an_iteration_again_keeps_the_complete_checkpoint(tmp_path):

@@ -1,0 +1,187 @@
+"""Multi-process training under torchrun on CPU (gloo): DDP and FSDP2 equivalence with one
+process, sharded checkpoints, resuming under another world size, signals and failing ranks.
+Each test starts real worker processes with a tiny model; they are slow by nature."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_yaml
+from safetensors.torch import load_file
+
+from gpt.checkpoint import OPTIMIZER_SHARDS, load_model, load_optimizer, load_training_state, read_checkpoint
+from gpt.metrics import read_metrics
+from gpt.shards import BatchSampler
+from gpt.train import make_optimizer
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+def gpt_train(config: str, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    command = ["-m", "gpt.cli", "train", config, *overrides]
+    argv = torchrun(nproc, *command) if nproc > 1 else [sys.executable, *command]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_read_disjoint_rows_that_make_up_the_one_process_batch(char_data, world_size):
+    from gpt.shards import load_dataset
+
+    shards = load_dataset(char_data).splits["train"]
+    whole = BatchSampler(shards, 16, 2 * world_size, seed=[7, 0])
+    parts = [BatchSampler(shards, 16, 2, seed=[7, 0], rank=r, world_size=world_size) for r in range(world_size)]
+    for _ in range(3):
+        x, y = whole.next_batch()
+        drawn = [p.next_batch() for p in parts]
+        assert torch.equal(torch.cat([d[0] for d in drawn]), x) and torch.equal(torch.cat([d[1] for d in drawn]), y)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(read_checkpoint(run).path / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_twice_the_batch(char_data, tmp_path, parallel):
+    """2 x batch 2 under torchrun == 1 x batch 4 on the same data: losses, weights, optimizer."""
+    steps = dict(max_iters=4, eval_interval=2, ckpt_interval=4, grad_accum=2)
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = tiny_yaml(tmp_path / "one", char_data, batch_size=4, **steps)
+    two = tiny_yaml(tmp_path / "two", char_data, batch_size=2, parallel=parallel, **steps)
+    assert gpt_train(one).returncode == 0
+    result = gpt_train(two, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"parallel: {parallel} over 2 processes" in result.stdout and "= 8 |" in result.stdout
+    rows = {name: read_metrics(tmp_path / name / "run" / "metrics.csv") for name in ("one", "two")}
+    for column in ("loss", "val_loss", "grad_norm"):
+        a = [float(r[column]) for r in rows["one"] if r.get(column)]
+        b = [float(r[column]) for r in rows["two"] if r.get(column)]
+        assert len(a) == len(b) > 0 and np.allclose(a, b, rtol=1e-4, atol=1e-5), column
+    assert [r["tokens"] for r in rows["one"]] == [r["tokens"] for r in rows["two"]]
+    w1, w2 = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
+    moments = [_exp_avg(tmp_path / name / "run") for name in ("one", "two")]
+    torch.testing.assert_close(moments[0], moments[1], rtol=1e-4, atol=1e-6)
+
+
+def _exp_avg(run: Path) -> torch.Tensor:
+    """The first moment of the token embedding, loaded in this one process from whatever the
+    checkpoint holds (optimizer.pt, or FSDP's sharded optimizer/ folder)."""
+    checkpoint = read_checkpoint(run)
+    model = load_model(checkpoint)
+    tc = checkpoint.config.train
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), torch.device("cpu"))
+    load_optimizer(model, optimizer, checkpoint.path, load_training_state(checkpoint.path))
+    return optimizer.state[model.wte.weight]["exp_avg"].clone()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_sharded_samples_in_one_process_and_resumes_under_other_world_sizes(char_data, tmp_path):
+    config = tiny_yaml(tmp_path, char_data, max_iters=3, eval_interval=3, ckpt_interval=3, parallel="fsdp",
+                       batch_size=2)
+    result = gpt_train(config, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = read_checkpoint(tmp_path / "run")
+    shards = checkpoint.path / OPTIMIZER_SHARDS
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert "optimizer" not in load_training_state(checkpoint.path)
+    assert not list((tmp_path / "run").glob(".*optimizer"))  # the staging folder moved into the checkpoint
+    sample = subprocess.run([sys.executable, "-m", "gpt.cli", "sample", str(tmp_path / "run"), "--prompt", "To",
+                             "--max-new-tokens", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0 and sample.stdout.startswith("To"), sample.stderr[-2000:]
+    # FSDP -> one process: weights and optimizer carry over, the data order restarts (said once).
+    result = gpt_train(config, "--resume", "train.max_iters=4", "train.parallel=auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "written by 2 processes" in result.stderr and "restart" in result.stderr
+    single = read_checkpoint(tmp_path / "run")
+    assert single.state["iter"] == 4 and (single.path / "optimizer.pt").is_file()
+    # one process -> FSDP: the index-keyed optimizer.pt is resharded by name.
+    result = gpt_train(config, "--resume", "train.max_iters=5", nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 5
+
+
+@pytest.mark.slow
+def test_resuming_keeps_the_optimizer_state_across_world_sizes(char_data, tmp_path):
+    """The moments a resumed FSDP run starts from are the ones the one-process run saved."""
+    config = tiny_yaml(tmp_path, char_data, max_iters=2, eval_interval=2, ckpt_interval=2, batch_size=2)
+    assert gpt_train(config).returncode == 0
+    saved = _exp_avg(tmp_path / "run")
+    # max_iters equal to the checkpoint's: the resumed run saves again at once (FSDP, sharded).
+    result = gpt_train(config, "--resume", "train.max_iters=2", "train.parallel=fsdp", "train.ckpt_interval=1",
+                       nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(_exp_avg(tmp_path / "run"), saved)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
+    config = tiny_yaml(tmp_path, char_data, max_iters=6, eval_interval=3, ckpt_interval=3)
+    result = gpt_train(config, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert ckpt.state["iter"] == 6 and ckpt.state["world_size"] == 2
+    ranks = load_training_state(ckpt.path)["ranks"]
+    assert len(ranks) == 2 and ranks[0]["data"] == ranks[1]["data"]  # one seed: each rank keeps its own rows
+    assert not torch.equal(ranks[0]["rng"]["cpu"], ranks[1]["rng"]["cpu"])  # but its own dropout
+    assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
+    assert result.stdout.count("model: ") == 1  # only rank 0 prints
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [int(r["iter"]) for r in rows] == list(range(1, 7))
+    result = gpt_train(config, "--resume", "train.max_iters=8", nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 8
+def _worker_of_rank(parent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    children = Path(f"/proc/{parent_pid}/task/{parent_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(char_data, tmp_path):
+    config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "gpt.cli", "train", config]
+    proc = subprocess.Popen(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
+    proc.communicate(timeout=120)  # a rank left waiting in a collective would hang here
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert ckpt.state["iter"] >= 3 and len(load_training_state(ckpt.path)["ranks"]) == 2
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["raise", "hang"])
+def test_a_failing_rank_ends_the_whole_job_in_bounded_time(char_data, tmp_path, fault):
+    """A rank that dies is noticed by torchrun, which stops the others; a rank that hangs
+    leaves the others waiting in a collective until train.dist_timeout, then they fail."""
+    config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000, dist_timeout=5)
+    env = {**os.environ, "GPT_TEST_FAULT_RANK": "1", "GPT_TEST_FAULT": fault}
+    result = subprocess.run(torchrun(2, str(REPO / "tests" / "failing_rank.py"), "train", config), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode != 0
+    if fault == "raise":
+        assert "injected fault in rank 1" in result.stderr
+    else:
+        assert "error: rank 0 lost contact with the other processes" in result.stderr
+        assert "train.dist_timeout=5 s" in result.stderr
