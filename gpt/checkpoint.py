@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -296,12 +297,14 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
     """Restore the optimizer of `model` (plain, DDP's inner module or FSDP-sharded) from a
     checkpoint: its DCP `optimizer/` folder (resharded to this run's ranks) or optimizer.pt."""
     if (folder / OPTIMIZER_SHARDS).is_dir():
+        reader = _SafeReader(folder / OPTIMIZER_SHARDS)
+        reader.read_metadata()  # refuses a tampered index with its own message (DCP would wrap it)
         state = get_optimizer_state_dict(model, optimizer)
         try:
-            dcp.load(state, storage_reader=_SafeReader(folder / OPTIMIZER_SHARDS), planner=_SafeLoadPlanner(),
-                     no_dist=not torch.distributed.is_initialized())
-        except GptError:
-            raise
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(),
+                         no_dist=not torch.distributed.is_initialized())
         except Exception as exc:  # a damaged folder fails anywhere in DCP's reader
             raise GptError(f"{folder / OPTIMIZER_SHARDS} cannot be read ({type(exc).__name__}); "
                            "the checkpoint is corrupt, resume from another one") from None

@@ -38,8 +38,10 @@ class Dist:
 
 
 def setup(device_type: str, timeout_s: float = 600.0) -> Dist:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set), else one process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group when started by torchrun (RANK set), even as its only process:
+    `torchrun --nproc_per_node=1` with train.parallel=ddp or fsdp then runs the real
+    collectives (how scripts/gpu_check.sh tests NCCL on one GPU)."""
+    if "RANK" not in os.environ:
         return Dist()
     info = Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                 world_size=int(os.environ["WORLD_SIZE"]))
@@ -58,19 +60,21 @@ def lost_peer(exc: BaseException) -> bool:
 
 
 def teardown(info: Dist) -> None:
-    if info.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def resolve_parallel(setting: str, info: Dist) -> str:
-    """train.parallel as it applies here: auto is ddp under torchrun with several processes;
-    with one process there is nothing to split, so every setting trains plainly."""
-    if not info.enabled:
+    """train.parallel as it applies here: auto is ddp under torchrun with several processes,
+    else none; without torchrun there is no process group, so every setting trains plainly."""
+    if not dist.is_initialized():
         return "none"
-    if setting == "none":
+    if setting == "none" and info.enabled:
         raise GptError(f"train.parallel=none but torchrun started {info.world_size} processes; "
                        "set train.parallel to auto, ddp or fsdp, or run one process")
-    return "ddp" if setting == "auto" else setting
+    if setting == "auto":
+        return "ddp" if info.enabled else "none"
+    return setting
 
 
 def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, param_dtype: torch.dtype | None) -> None:

@@ -346,8 +346,8 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     in `hold` for the whole run."""
     tc = config.train
     device = pick_device(tc.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and (dist.enabled or device.index is None):
+        device = torch.device("cuda", dist.local_rank)  # DDP and NCCL need the index
     dtype = pick_dtype(tc.dtype, device)
     parallel = distributed.resolve_parallel(tc.parallel, dist)
     run = RunFolder(Path(tc.out_dir))
@@ -421,7 +421,7 @@ def _loop(tr: Trainer, resumed: bool) -> int:
         rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
-        if tr.dist.enabled:
+        if tr.parallel != "none":
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
                   "tok/s below counts the whole job")

@@ -5,6 +5,7 @@ Each test starts real worker processes with a tiny model; they are slow by natur
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,13 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from conftest import REPO, tiny_yaml
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+from gpt import distributed
 from gpt.checkpoint import OPTIMIZER_SHARDS, load_model, load_optimizer, load_training_state, read_checkpoint
+from gpt.config import load_config
+from gpt.errors import GptError
 from gpt.metrics import read_metrics
+from gpt.model import GPT
 from gpt.shards import BatchSampler
-from gpt.train import make_optimizer
+from gpt.train import check_parallel, make_optimizer
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -185,3 +192,63 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(char_data, tmp_path, 
     else:
         assert "error: rank 0 lost contact with the other processes" in result.stderr
         assert "train.dist_timeout=5 s" in result.stderr
+
+
+@pytest.mark.parametrize(("setting", "world_size", "expected"), [
+    ("auto", 2, "ddp"), ("auto", 1, "none"), ("ddp", 1, "ddp"), ("fsdp", 2, "fsdp"), ("none", 1, "none")])
+def test_train_parallel_resolves_under_torchrun(monkeypatch, setting, world_size, expected):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert distributed.resolve_parallel(setting, distributed.Dist(world_size=world_size)) == expected
+
+
+@pytest.mark.parametrize("setting", ["ddp", "fsdp", "auto"])
+def test_without_torchrun_every_setting_trains_in_one_process(setting):
+    assert distributed.resolve_parallel(setting, distributed.Dist()) == "none"
+
+
+def test_parallel_none_with_several_processes_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(GptError, match="train.parallel=none but torchrun started 2 processes"):
+        distributed.resolve_parallel("none", distributed.Dist(world_size=2))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["task.kind=classify", "task.train=x.jsonl"], "shards language models only"),
+    (["train.dtype=float16"], "float16 is not supported")])
+def test_fsdp_refuses_what_it_cannot_shard(char_data, tmp_path, overrides, message):
+    config = load_config(tiny_yaml(tmp_path, char_data), overrides)
+    dtype = torch.float16 if "train.dtype=float16" in overrides else torch.float32
+    with pytest.raises(GptError, match=message):
+        check_parallel("fsdp", config, dtype)
+
+
+def _sharded_checkpoint(tmp_path: Path) -> tuple[GPT, torch.optim.Optimizer, Path]:
+    """A model, its optimizer after one step, and a checkpoint folder holding the optimizer
+    in DCP form, written in this one process."""
+    model = GPT(load_config(None, ["model.preset=tiny", "model.vocab_size=50"]).model)
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    folder = tmp_path / "ckpt"
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=folder / OPTIMIZER_SHARDS, no_dist=True)
+    return model, optimizer, folder
+
+
+def test_a_dcp_optimizer_loads_in_one_process(tmp_path):
+    model, optimizer, folder = _sharded_checkpoint(tmp_path)
+    fresh = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    load_optimizer(model, fresh, folder, {})
+    torch.testing.assert_close(fresh.state[model.wte.weight]["exp_avg"], optimizer.state[model.wte.weight]["exp_avg"])
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_tampered_dcp_index_is_refused_without_running_it(tmp_path):
+    model, optimizer, folder = _sharded_checkpoint(tmp_path)
+    (folder / OPTIMIZER_SHARDS / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(GptError, match=r"\.metadata was refused.*posix.system is not allowed"):
+        load_optimizer(model, optimizer, folder, {})
