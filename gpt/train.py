@@ -26,7 +26,7 @@ import torch
 from gpt import distributed
 from gpt.checkpoint import Checkpoint, load_training_state, load_weights, read_checkpoint, save_best, save_checkpoint
 from gpt.config import Config, dump_yaml, to_dict
-from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
+from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock
 from gpt.errors import GptError
 from gpt.formats import RunFolder
@@ -357,7 +357,8 @@ def _loop(tr: Trainer, resumed: bool) -> int:
         rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
-    peak = peak_flops(tc.peak_flops, tr.device)
+    matmul_rows = tc.batch_size * tr.config.model.block_size
+    peak = peak_flops(tc.peak_flops, tr.device, training_matmul_shapes(tr.trained, matmul_rows))
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
