@@ -54,6 +54,12 @@ class KVCache:
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def repeat_interleave(self, copies: int) -> None:
+        """Continue each sequence as `copies` streams: row b becomes rows b * copies to
+        b * copies + copies - 1, so one prefill serves several samples of the same prompt."""
+        self.keys = self.keys.repeat_interleave(copies, dim=1)
+        self.values = self.values.repeat_interleave(copies, dim=1)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):

@@ -216,3 +216,23 @@ def test_info_describes_a_run(trained, cli):
     code, out, err = cli("info", trained)
     assert code == 0, err
     assert "iter 10" in out and "2 layers, 2 heads, 64 wide, context 32, vocab" in out and "ckpt_000010" in out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_copies_continue_each_prompt_like_repeated_rows(use_cache):
+    model = tiny()
+    prompt = torch.randint(0, 30, (2, 6))
+    copied = torch.stack(list(decode(model, prompt, 20, greedy, use_cache, copies=3)), dim=1)
+    repeated = torch.stack(list(decode(model, prompt.repeat_interleave(3, dim=0), 20, greedy, use_cache)), dim=1)
+    assert copied.shape == (6, 20) and torch.equal(copied, repeated)
+
+
+def test_num_samples_share_one_prefill_of_the_prompt(monkeypatch):
+    model = tiny(vocab=26)
+    shapes = []
+    step = model.forward_step
+    monkeypatch.setattr(model, "forward_step", lambda idx, cache: shapes.append(tuple(idx.shape)) or step(idx, cache))
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    samples = generate(model, tok, "abcde", SampleConfig(max_new_tokens=4, temperature=1.0, seed=1, num_samples=3))
+    assert shapes == [(1, 5), (3, 1), (3, 1), (3, 1)]
+    assert [len(s.tokens) for s in samples] == [4, 4, 4]
