@@ -17,7 +17,7 @@ import torch
 
 from gpt.config import SampleConfig
 from gpt.device import autocast_for, pick_dtype
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, StaticKVCache
 from gpt.tokenizer import TextDecoder, Tokenizer
 
 CHAT_STOP = "\nUser:"
@@ -60,7 +60,7 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 @torch.no_grad()
 def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tensor], torch.Tensor],
-           use_cache: bool = True, copies: int = 1) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, copies: int = 1, static_cache: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield `steps` next tokens (B * copies,) for the sequences idx (B, T), each continued as
     `copies` independent streams (rows b * copies to b * copies + copies - 1 continue idx[b]).
 
@@ -68,9 +68,15 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
     attention row. The context is always the last block_size tokens: once it is full the
     window slides, which shifts every position, so each further step recomputes the cropped
     window (without the cache, which would be rebuilt every step). The result equals
-    recomputing from scratch at every step, for every kind of position encoding."""
+    recomputing from scratch at every step, for every kind of position encoding.
+
+    `static_cache` (default: on CUDA) uses a `StaticKVCache`; on CUDA the one-token step is
+    then compiled once, with fixed shapes, and fuses its small ops."""
     block_size = model.config.block_size
-    cache = _new_cache(model, idx.size(0)) if use_cache else None
+    device = next(model.parameters()).device
+    static = device.type == "cuda" if static_cache is None else static_cache
+    cache = _new_cache(model, idx.size(0), static) if use_cache else None
+    one_token_step = torch.compile(model.forward_step) if static and device.type == "cuda" else model.forward_step
     seq = idx[:, -block_size:]
     logits = model.forward_step(seq, cache)
     if copies > 1:
@@ -83,20 +89,20 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
         if step + 1 == steps:
             return  # no forward pass for a token that will not be drawn
         seq = torch.cat([seq, token[:, None]], dim=1)
-        if cache is not None and cache.pos < block_size:
-            logits = model.forward_step(token[:, None], cache)
+        if cache is not None and seq.size(1) <= block_size:  # the cache holds all but the new token
+            logits = one_token_step(token[:, None], cache)
         else:
             seq = seq[:, -block_size:]
             logits = model.forward_step(seq, None)
 
 
-def _new_cache(model: GPT, batch_size: int) -> KVCache:
+def _new_cache(model: GPT, batch_size: int, static: bool) -> KVCache:
     """A cache in the dtype attention runs in: the autocast dtype when one is active (half the
     bytes to read per token on a GPU), else the weights' dtype."""
     param = next(model.parameters())
     kind = param.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
-    return KVCache(model.config, batch_size, param.device, dtype)
+    return (StaticKVCache if static else KVCache)(model.config, batch_size, param.device, dtype)
 
 
 @dataclass
