@@ -100,6 +100,7 @@ class StaticKVCache(KVCache):
 
 
 def check_context(length: int, block_size: int) -> None:
+    """Refuse a sequence longer than the model's context: its positions do not exist."""
     if length > block_size:
         raise ValueError(f"sequence of {length} tokens is longer than the model's context "
                          f"(block_size={block_size}); crop the input to its last {block_size} tokens")
@@ -230,7 +231,9 @@ class GPT(nn.Module):
         T = idx.size(1)
         if cache is None:
             check_context(T, self.config.block_size)
-        positions = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
+            positions = torch.arange(T, device=idx.device)
+        else:
+            positions = cache.positions(T)
         x = self.wte(idx)
         rope = None
         if self.config.pos_encoding == "learned":

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from gpt.device import (
 )
 from gpt.model import GPT
 from gpt.sample import decode
+from gpt.shards import BatchSampler, DeviceBatches
 from gpt.tokenizer import gpt2_encoding
 from gpt.train import accumulate_gradients, make_optimizer, optimizer_step
 
@@ -175,13 +177,23 @@ def bench_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
                          args.budget_s, args.repeats)
     tokens = batch * config.block_size
     tok_s = tokens / timing["ours_s"]
+    loader_s = loader_seconds(config.block_size, batch, args.budget_s)
     flops = model.flops_per_token() * tok_s
     matmul = measured_matmul_flops(training_matmul_shapes(model, tokens))
     return {"model": name, "params": model.num_params(), "batch": batch, "block_size": config.block_size,
             "ms_per_iter": 1000 * timing["ours_s"], "ref_ms_per_iter": 1000 * timing["theirs_s"],
             "tok_per_s": tok_s, "ref_tok_per_s": tokens / timing["theirs_s"], "speedup": timing["speedup"],
             "flops_per_token": model.flops_per_token(), "achieved_flops": flops, "matmul_flops": matmul,
-            "fraction_of_matmul": flops / matmul}
+            "fraction_of_matmul": flops / matmul, "loader_ms_per_batch": 1000 * loader_s,
+            "loader_fraction_of_step": loader_s / timing["ours_s"]}
+
+
+def loader_seconds(block_size: int, batch: int, budget_s: float) -> float:
+    """Seconds `gpt train`'s data loader takes to draw one step's batch from a 10M-token shard
+    (on a CPU it draws in the training thread, so this time adds to the step)."""
+    shard = np.random.default_rng(0).integers(0, 65, 10_000_000, dtype=np.uint16)
+    batches = DeviceBatches(BatchSampler([shard], block_size, batch, seed=0), 1, torch.device("cpu"))
+    return interleaved(batches.next, None, budget_s, repeats=3)["ours_s"]
 
 
 # ----------------------------------------------------------------------------- sample
@@ -386,11 +398,11 @@ def markdown(results: dict[str, Any]) -> str:
              f"threads, torch {m['torch']}, Python {m['python']}; {m['date']}; `{m['command']}`", ""]
     if "train" in results:
         lines += ["| train | params | batch x block | ours ms/iter | ref ms/iter | ours tok/s | speed-up "
-                  "| achieved GFLOP/s | torch.mm GFLOP/s | fraction |", "|" + "---|" * 10]
+                  "| achieved GFLOP/s | torch.mm GFLOP/s | fraction | loader ms |", "|" + "---|" * 11]
         lines += [f"| {r['model']} | {r['params']:,} | {r['batch']} x {r['block_size']} | {r['ms_per_iter']:.1f} "
                   f"| {r['ref_ms_per_iter']:.1f} | {r['tok_per_s']:,.0f} | {r['speedup']:.2f}x "
-                  f"| {r['achieved_flops'] / 1e9:.1f} | {r['matmul_flops'] / 1e9:.1f} | {r['fraction_of_matmul']:.0%} |"
-                  for r in results["train"]]
+                  f"| {r['achieved_flops'] / 1e9:.1f} | {r['matmul_flops'] / 1e9:.1f} | {r['fraction_of_matmul']:.0%} "
+                  f"| {r['loader_ms_per_batch']:.2f} |" for r in results["train"]]
         lines.append("")
     if "sample" in results:
         lines += ["| sample | batch | new tokens | ours tok/s | bandwidth bound tok/s | fraction "

@@ -25,7 +25,7 @@ def test_training_rows_compare_with_the_reference_and_the_matmul_peak(report):
     assert [r["model"] for r in results["train"]] == ["baby", "6-layer"]
     for row in results["train"]:
         for key in ("ms_per_iter", "ref_ms_per_iter", "tok_per_s", "ref_tok_per_s", "speedup",
-                    "achieved_flops", "matmul_flops", "fraction_of_matmul"):
+                    "achieved_flops", "matmul_flops", "fraction_of_matmul", "loader_ms_per_batch"):
             assert row[key] > 0, key
         assert row["tok_per_s"] == pytest.approx(row["batch"] * row["block_size"] * 1000 / row["ms_per_iter"])
         assert row["achieved_flops"] == pytest.approx(row["flops_per_token"] * row["tok_per_s"])
