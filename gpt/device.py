@@ -92,8 +92,11 @@ def measured_matmul_flops(shapes: tuple[tuple[int, int, int], ...], repeats: int
     total time, best of `repeats` for each shape. Measured once per process and shape set
     (well under a second for the shapes of the CPU configs)."""
     total_flops, total_s = 0.0, 0.0
+    # A private generator: drawing from torch's global one would change the dropout masks that
+    # follow, and a resumed run would no longer repeat an uninterrupted one bit for bit.
+    generator = torch.Generator().manual_seed(0)
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
         torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
         best = float("inf")
         for _ in range(repeats):

@@ -392,44 +392,48 @@ def machine() -> dict[str, Any]:
             "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv])}
 
 
-def markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    lines = [f"Machine: {m['cpu']} ({', '.join(m['simd_flags'])}), {m['cores']} cores, {m['torch_threads']} torch "
-             f"threads, torch {m['torch']}, Python {m['python']}; {m['date']}; `{m['command']}`", ""]
-    if "train" in results:
-        lines += ["| train | params | batch x block | ours ms/iter | ref ms/iter | ours tok/s | speed-up "
-                  "| achieved GFLOP/s | torch.mm GFLOP/s | fraction | loader ms |", "|" + "---|" * 11]
-        lines += [f"| {r['model']} | {r['params']:,} | {r['batch']} x {r['block_size']} | {r['ms_per_iter']:.1f} "
-                  f"| {r['ref_ms_per_iter']:.1f} | {r['tok_per_s']:,.0f} | {r['speedup']:.2f}x "
-                  f"| {r['achieved_flops'] / 1e9:.1f} | {r['matmul_flops'] / 1e9:.1f} | {r['fraction_of_matmul']:.0%} "
-                  f"| {r['loader_ms_per_batch']:.2f} |" for r in results["train"]]
-        lines.append("")
-    if "sample" in results:
-        lines += ["| sample | batch | new tokens | ours tok/s | bandwidth bound tok/s | fraction "
-                  "| transformers tok/s | ours / transformers |", "|" + "---|" * 8]
-        for r in results["sample"]:
-            hf = r["hf_tok_per_s"]
-            lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['tok_per_s']:,.1f} "
-                         f"| {r['bandwidth_bound_tok_per_s']:,.1f} | {r['fraction_of_bound']:.0%} "
-                         f"| {'-' if hf is None else f'{hf:,.1f}'} "
-                         f"| {'-' if hf is None else '{:.2f}x'.format(r['speedup_vs_hf'])} |")
-        lines += [f"Copy bandwidth: {results['copy_bandwidth'] / 1e9:.1f} GB/s (read + write).", ""]
-    if "prepare" in results:
-        p = results["prepare"]
-        lines += ["| prepare | workers | raw tiktoken MB/s | `gpt prepare` MB/s | ratio | peak RSS |",
-                  "|" + "---|" * 6,
-                  f"| {p['corpus_mb']:.0f} MB | {p['workers']} | {p['raw_mb_per_s']:.2f} | {p['prepare_mb_per_s']:.2f} "
-                  f"| {p['speedup']:.2f}x | {p['peak_rss_mb']:.0f} MB ({p['small_peak_rss_mb']:.0f} MB for "
-                  f"{p['small_corpus_mb']:.0f} MB) |", ""]
-    if "compile" in results:
-        lines += ["| torch.compile of | compile s | ms/iter | eager ms/iter | speed-up | break-even iters |",
-                  "|" + "---|" * 6]
-        for r in results["compile"]:
-            even = "never" if r["break_even_iters"] is None else f"{r['break_even_iters']:,.0f}"
-            lines.append(f"| {r['region']} | {r['compile_s']:.1f} | {r['ms_per_iter']:.1f} "
-                         f"| {r['eager_ms_per_iter']:.1f} | {r['speedup']:.2f}x | {even} |")
-        lines.append("")
-    return "\n".join(lines)
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"Machine: {m['cpu']} ({', '.join(m['simd_flags'])}), {m['cores']} cores, {m['torch_threads']} torch "
+            f"threads, torch {m['torch']}, Python {m['python']}; {m['date']}; `{m['command']}`\n")
+
+
+def train_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| train | params | batch x block | ours ms/iter | ref ms/iter | ours tok/s | speed-up "
+             "| achieved GFLOP/s | torch.mm GFLOP/s | fraction | loader ms |", "|" + "---|" * 11]
+    lines += [f"| {r['model']} | {r['params']:,} | {r['batch']} x {r['block_size']} | {r['ms_per_iter']:.1f} "
+              f"| {r['ref_ms_per_iter']:.1f} | {r['tok_per_s']:,.0f} | {r['speedup']:.2f}x "
+              f"| {r['achieved_flops'] / 1e9:.1f} | {r['matmul_flops'] / 1e9:.1f} | {r['fraction_of_matmul']:.0%} "
+              f"| {r['loader_ms_per_batch']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sample_table(rows: list[dict[str, Any]], bandwidth: float) -> str:
+    lines = ["| sample | batch | new tokens | ours tok/s | bandwidth bound tok/s | fraction "
+             "| transformers tok/s | ours / transformers |", "|" + "---|" * 8]
+    for r in rows:
+        hf = r["hf_tok_per_s"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['tok_per_s']:,.1f} "
+                     f"| {r['bandwidth_bound_tok_per_s']:,.1f} | {r['fraction_of_bound']:.0%} "
+                     f"| {'-' if hf is None else f'{hf:,.1f}'} "
+                     f"| {'-' if hf is None else '{:.2f}x'.format(r['speedup_vs_hf'])} |")
+    return "\n".join(lines) + f"\n\nCopy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write).\n"
+
+
+def prepare_table(p: dict[str, Any]) -> str:
+    return ("| prepare | workers | raw tiktoken MB/s | `gpt prepare` MB/s | ratio | peak RSS |\n" + "|" + "---|" * 6
+            + f"\n| {p['corpus_mb']:.0f} MB | {p['workers']} | {p['raw_mb_per_s']:.2f} | {p['prepare_mb_per_s']:.2f} "
+            f"| {p['speedup']:.2f}x | {p['peak_rss_mb']:.0f} MB ({p['small_peak_rss_mb']:.0f} MB for "
+            f"{p['small_corpus_mb']:.0f} MB) |\n")
+
+
+def compile_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| torch.compile of | compile s | ms/iter | eager ms/iter | speed-up | break-even iters |",
+             "|" + "---|" * 6]
+    for r in rows:
+        even = "never" if r["break_even_iters"] is None else f"{r['break_even_iters']:,.0f}"
+        lines.append(f"| {r['region']} | {r['compile_s']:.1f} | {r['ms_per_iter']:.1f} "
+                     f"| {r['eager_ms_per_iter']:.1f} | {r['speedup']:.2f}x | {even} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -452,28 +456,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def show(text: str) -> None:
+    """Print one table as soon as it is measured: a long run cut short keeps what it has."""
+    print(text, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if pick_device("auto").type != "cpu":
         print("note: this benchmark measures the CPU; GPUs are not covered yet", file=sys.stderr)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "tiny": args.tiny}
+    show(machine_line(results["machine"]))
     if "train" in args.parts:
         results["train"] = [bench_train(name, args) for name in TRAIN_MODELS]
+        show(train_table(results["train"]))
     if "sample" in args.parts:
-        results["copy_bandwidth"] = copy_bandwidth(64 if args.tiny else 512)
-        bandwidth = results["copy_bandwidth"]
+        bandwidth = results["copy_bandwidth"] = copy_bandwidth(64 if args.tiny else 512)
         results["sample"] = [row for name in SAMPLE_MODELS for row in bench_sample(name, args, bandwidth)]
+        show(sample_table(results["sample"], bandwidth))
     if "prepare" in args.parts:
         work = Path(tempfile.mkdtemp(prefix="bench_"))
         try:
             results["prepare"] = bench_prepare(args, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        show(prepare_table(results["prepare"]))
     if "compile" in args.parts:
         results["compile"] = bench_compile(args)
-    print(markdown(results))
+        show(compile_table(results["compile"]))
     if args.profile:
-        print(profile(args))
+        show(profile(args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

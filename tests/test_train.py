@@ -355,3 +355,10 @@ def test_mfu_is_filled_on_a_cpu_from_the_measured_matmul_peak(char_data, tmp_pat
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["loss"]]
     assert len(rows) == 2
     assert all(0 < float(r["mfu"]) < 1 for r in rows)
+
+
+def test_measuring_the_matmul_peak_leaves_the_global_random_state_alone():
+    from gpt.device import measured_matmul_flops
+    before = torch.get_rng_state()
+    assert measured_matmul_flops(((8, 16, 24),), repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), before)
