@@ -358,6 +358,7 @@ def _loop(tr: Trainer, resumed: bool) -> int:
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
     matmul_rows = tc.batch_size * tr.config.model.block_size
+    # One device's peak; tokens/s counts every rank, so MFU divides by peak x world size.
     peak = peak_flops(tc.peak_flops, tr.device, training_matmul_shapes(tr.trained, matmul_rows))
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
@@ -384,7 +385,7 @@ def _loop(tr: Trainer, resumed: bool) -> int:
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
                 tok_s = window_tokens / elapsed
                 row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
-                           mfu=flops_per_token * tok_s / peak if peak else None)
+                           mfu=flops_per_token * tok_s / (peak * tr.dist.world_size) if peak else None)
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
             paused = time.perf_counter()
             if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
