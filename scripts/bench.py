@@ -350,7 +350,7 @@ def _break_even(compile_s: float, saved_per_iter_s: float) -> float | None:
 
 # ----------------------------------------------------------------------------- profile
 
-def profile(args: argparse.Namespace) -> str:
+def profile_tables(args: argparse.Namespace) -> str:
     """torch.profiler's top ops (by self CPU time) of training steps and of sampling steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         results["compile"] = bench_compile(args)
         show(compile_table(results["compile"]))
     if args.profile:
-        show(profile(args))
+        show(profile_tables(args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

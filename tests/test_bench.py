@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--tiny", "--json", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--tiny", "--profile",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text(encoding="utf-8")), done.stdout
@@ -52,6 +53,12 @@ def test_prepare_row_and_markdown_table(report):
     assert results["machine"]["torch"] and results["machine"]["cores"] >= 1
     for header in ("| train |", "| sample |", "| prepare |"):
         assert header in stdout
+
+
+def test_profile_prints_the_top_ops_of_a_training_and_a_sampling_step(report):
+    _, stdout = report
+    training, sampling = stdout.split("training step")[1].split("sampling,")
+    assert "aten::mm" in training and "aten::" in sampling and "Self CPU time total" in sampling
 
 
 def test_unknown_part_is_refused_in_one_line():
