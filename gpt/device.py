@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -58,13 +60,52 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], conte
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_flops(config_value: float | None, device: torch.device) -> float | None:
+def peak_flops(config_value: float | None, device: torch.device,
+               matmul_shapes: tuple[tuple[int, int, int], ...] = ()) -> float | None:
+    """The FLOP/s that MFU divides by: `train.peak_flops` when set, a GPU's datasheet bf16
+    peak, or on a CPU what torch.mm measurably reaches at the model's own matmul shapes (a CPU
+    has no datasheet number worth trusting, and its speed depends on the shapes)."""
     if config_value is not None:
         return config_value
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+    if device.type == "cpu" and matmul_shapes:
+        return measured_matmul_flops(matmul_shapes)
     return None
+
+
+def training_matmul_shapes(model: torch.nn.Module, rows: int, max_rows: int = 4096) -> tuple[tuple[int, int, int], ...]:
+    """The (m, k, n) matmuls a training step runs through each distinct nn.Linear of `model`
+    for `rows` tokens: the forward product and the two of the backward pass (input and weight
+    gradients). Rows are capped: throughput has levelled off well before 4096, and the
+    measurement stays short."""
+    m = min(rows, max_rows)
+    linears = sorted({(mod.in_features, mod.out_features) for mod in model.modules()
+                      if isinstance(mod, torch.nn.Linear)})
+    return tuple(shape for k, n in linears for shape in ((m, k, n), (m, n, k), (k, m, n)))
+
+
+@functools.cache
+def measured_matmul_flops(shapes: tuple[tuple[int, int, int], ...], repeats: int = 3) -> float:
+    """FLOP/s of fp32 torch.mm on the CPU over the (m, k, n) shapes together: total FLOPs over
+    total time, best of `repeats` for each shape. Measured once per process and shape set
+    (well under a second for the shapes of the CPU configs)."""
+    total_flops, total_s = 0.0, 0.0
+    # A private generator: drawing from torch's global one would change the dropout masks that
+    # follow, and a resumed run would no longer repeat an uninterrupted one bit for bit.
+    generator = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+        torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        total_flops += 2.0 * m * k * n
+        total_s += best
+    return total_flops / total_s
 
 
 def maybe_compile(model: torch.nn.Module, setting: bool | str, device: torch.device) -> torch.nn.Module:

@@ -47,12 +47,63 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v for `layer`; return all keys and values up to and including them."""
-        end = self.pos + k.size(2)
-        self.keys[layer, :, :, self.pos:end] = k
-        self.values[layer, :, :, self.pos:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def positions(self, length: int) -> torch.Tensor:
+        """Positions of the next `length` tokens."""
+        check_context(self.pos + length, self.keys.size(3))
+        return torch.arange(self.pos, self.pos + length, device=self.keys.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this step's k, v for `layer`; return all keys and values up to and including
+        them, and the attention mask: None when the new tokens have no past (causal among
+        themselves) or are a single token (which sees everything)."""
+        past, end = self.pos, self.pos + k.size(2)
+        self.keys[layer, :, :, past:end] = k
+        self.values[layer, :, :, past:end] = v
+        mask = None
+        if past and k.size(2) > 1:  # several new tokens after a past: the causal mask shifted by it
+            mask = torch.ones(k.size(2), end, dtype=torch.bool, device=k.device).tril(diagonal=past)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask
+
+    def advance(self, length: int) -> None:
+        self.pos += length
+
+    def repeat_interleave(self, copies: int) -> None:
+        """Continue each sequence as `copies` streams: row b becomes rows b * copies to
+        b * copies + copies - 1, so one prefill serves several samples of the same prompt."""
+        self.keys = self.keys.repeat_interleave(copies, dim=1)
+        self.values = self.values.repeat_interleave(copies, dim=1)
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose shapes never change: the position is a device tensor and attention
+    always reads the whole buffer through a mask, so a compiled one-token step is compiled
+    once and never waits for the host. The caller keeps within the context (nothing here
+    reads the position back to check it)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(config, batch_size, device, dtype)
+        self.index = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(config.block_size, device=device)
+
+    def positions(self, length: int) -> torch.Tensor:
+        return self.index + self.slots[:length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions = self.positions(k.size(2))
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer], self.slots[None, :] <= positions[:, None]
+
+    def advance(self, length: int) -> None:
+        self.index += length
+
+
+def check_context(length: int, block_size: int) -> None:
+    """Refuse a sequence longer than the model's context: its positions do not exist."""
+    if length > block_size:
+        raise ValueError(f"sequence of {length} tokens is longer than the model's context "
+                         f"(block_size={block_size}); crop the input to its last {block_size} tokens")
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,15 +132,11 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.heads(x, rope)
-        past = cache.pos if cache is not None else 0
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        # A square causal mask when there is no past; a single new token sees everything;
-        # several new tokens after a past need the mask shifted by the past length.
         mask = None
-        if past and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
+        if cache is not None:
+            k, v, mask = cache.update(self.layer, k, v)
+        # Without a mask: causal among the new tokens, or one new token that sees everything.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1),
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -180,13 +227,13 @@ class GPT(nn.Module):
         n = self.num_params() - (self.wpe.weight.numel() if self.wpe is not None else 0)
         return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple | None]:
+    def _embed(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, tuple | None]:
         T = idx.size(1)
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
-                             f"(block_size={self.config.block_size}); crop the input to its last "
-                             f"{self.config.block_size} tokens")
-        positions = torch.arange(start, start + T, device=idx.device)
+        if cache is None:
+            check_context(T, self.config.block_size)
+            positions = torch.arange(T, device=idx.device)
+        else:
+            positions = cache.positions(T)
         x = self.wte(idx)
         rope = None
         if self.config.pos_encoding == "learned":
@@ -200,11 +247,11 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The final normalised hidden state (B, T, n_embd) of each position: what the
         unembedding (or a task head) reads."""
-        x, rope = self._embed(idx, cache.pos if cache is not None else 0)
+        x, rope = self._embed(idx, cache)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.pos += idx.size(1)
+            cache.advance(idx.size(1))
         return self.norm_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None

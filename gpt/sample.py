@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from gpt.config import SampleConfig
-from gpt.model import GPT, KVCache
+from gpt.device import autocast_for, pick_dtype
+from gpt.model import GPT, KVCache, StaticKVCache
 from gpt.tokenizer import TextDecoder, Tokenizer
 
 CHAT_STOP = "\nUser:"
@@ -59,28 +60,49 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 @torch.no_grad()
 def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tensor], torch.Tensor],
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield `steps` next tokens (B,) for the sequences idx (B, T).
+           use_cache: bool = True, copies: int = 1, static_cache: bool | None = None) -> Iterator[torch.Tensor]:
+    """Yield `steps` next tokens (B * copies,) for the sequences idx (B, T), each continued as
+    `copies` independent streams (rows b * copies to b * copies + copies - 1 continue idx[b]).
 
-    With the cache the prompt is run once and each new token costs one attention row. The
-    context is always the last block_size tokens: once it is full the window slides, which
-    shifts every position, so each further step recomputes the cropped window (without the
-    cache, which would be rebuilt every step). The result equals recomputing from scratch at
-    every step, for every kind of position encoding."""
+    With the cache the prompt is run once, however many copies, and each new token costs one
+    attention row. The context is always the last block_size tokens: once it is full the
+    window slides, which shifts every position, so each further step recomputes the cropped
+    window (without the cache, which would be rebuilt every step). The result equals
+    recomputing from scratch at every step, for every kind of position encoding.
+
+    `static_cache` (default: on CUDA) uses a `StaticKVCache`; on CUDA the one-token step is
+    then compiled once, with fixed shapes, and fuses its small ops."""
     block_size = model.config.block_size
-    param = next(model.parameters())
-    cache = KVCache(model.config, idx.size(0), param.device, param.dtype) if use_cache else None
+    device = next(model.parameters()).device
+    static = device.type == "cuda" if static_cache is None else static_cache
+    cache = _new_cache(model, idx.size(0), static) if use_cache else None
+    one_token_step = torch.compile(model.forward_step) if static and device.type == "cuda" else model.forward_step
     seq = idx[:, -block_size:]
     logits = model.forward_step(seq, cache)
-    for _ in range(steps):
+    if copies > 1:
+        seq, logits = seq.repeat_interleave(copies, dim=0), logits.repeat_interleave(copies, dim=0)
+        if cache is not None:
+            cache.repeat_interleave(copies)
+    for step in range(steps):
         token = pick(logits)
         yield token
+        if step + 1 == steps:
+            return  # no forward pass for a token that will not be drawn
         seq = torch.cat([seq, token[:, None]], dim=1)
-        if cache is not None and cache.pos < block_size:
-            logits = model.forward_step(token[:, None], cache)
+        if cache is not None and seq.size(1) <= block_size:  # the cache holds all but the new token
+            logits = one_token_step(token[:, None], cache)
         else:
             seq = seq[:, -block_size:]
             logits = model.forward_step(seq, None)
+
+
+def _new_cache(model: GPT, batch_size: int, static: bool) -> KVCache:
+    """A cache in the dtype attention runs in: the autocast dtype when one is active (half the
+    bytes to read per token on a GPU), else the weights' dtype."""
+    param = next(model.parameters())
+    kind = param.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+    return (StaticKVCache if static else KVCache)(model.config, batch_size, param.device, dtype)
 
 
 @dataclass
@@ -108,14 +130,15 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConfig,
              on_text: Callable[[str], None] | None = None) -> list[Sample]:
-    """Sample `settings.num_samples` continuations of `prompt` as one batch.
+    """Sample `settings.num_samples` continuations of `prompt` as one batch: the prompt is run
+    once and its cache shared, then each sample draws its own tokens. On a GPU the forward
+    passes run under autocast (bf16, or fp16 where bf16 is missing).
 
     Each sample stops at end-of-text (unless ignore_eot), at a stop string (the text is cut
     before it) or after max_new_tokens. `on_text` receives the first sample's text as it
     grows, holding back what could still turn out to be the start of a stop string."""
     device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, prompt)
-    idx = torch.tensor([ids] * settings.num_samples, dtype=torch.long, device=device)
+    idx = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
     generator = torch.Generator(device=device)
     if settings.seed is not None:
         generator.manual_seed(settings.seed)
@@ -129,13 +152,15 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConf
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.kv_cache):
-        for text, token in zip(growing, tokens.tolist()):
-            text.add(token)
-        if stream:
-            stream.update(samples[0].text)
-        if all(s.done for s in samples):
-            break
+    precision = pick_dtype("auto", device) if device.type == "cuda" else torch.float32
+    with autocast_for(device, precision)():
+        for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.kv_cache, settings.num_samples):
+            for text, token in zip(growing, tokens.tolist()):
+                text.add(token)
+            if stream:
+                stream.update(samples[0].text)
+            if all(s.done for s in samples):
+                break
     elapsed = max(time.perf_counter() - start, 1e-9)
     model.train(was_training)
     for text in growing:

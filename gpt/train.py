@@ -35,7 +35,7 @@ from gpt.checkpoint import (
     stage_optimizer_shards,
 )
 from gpt.config import Config, dump_yaml, to_dict
-from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype
+from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock
 from gpt.errors import GptError
 from gpt.formats import RunFolder
@@ -425,7 +425,9 @@ def _loop(tr: Trainer, resumed: bool) -> int:
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
                   "tok/s below counts the whole job")
-    peak = peak_flops(tc.peak_flops, tr.device)
+    matmul_rows = tc.batch_size * tr.config.model.block_size
+    # One device's peak; tokens/s counts every rank, so MFU divides by peak x world size.
+    peak = peak_flops(tc.peak_flops, tr.device, training_matmul_shapes(tr.trained, matmul_rows))
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
@@ -451,7 +453,7 @@ def _loop(tr: Trainer, resumed: bool) -> int:
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
                 tok_s = window_tokens / elapsed
                 row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
-                           mfu=flops_per_token * tok_s / peak if peak else None)
+                           mfu=flops_per_token * tok_s / (peak * tr.dist.world_size) if peak else None)
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
             paused = time.perf_counter()
             if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:

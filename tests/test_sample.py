@@ -216,3 +216,45 @@ def test_info_describes_a_run(trained, cli):
     code, out, err = cli("info", trained)
     assert code == 0, err
     assert "iter 10" in out and "2 layers, 2 heads, 64 wide, context 32, vocab" in out and "ckpt_000010" in out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_copies_continue_each_prompt_like_repeated_rows(use_cache):
+    model = tiny()
+    prompt = torch.randint(0, 30, (2, 6))
+    copied = torch.stack(list(decode(model, prompt, 20, greedy, use_cache, copies=3)), dim=1)
+    repeated = torch.stack(list(decode(model, prompt.repeat_interleave(3, dim=0), 20, greedy, use_cache)), dim=1)
+    assert copied.shape == (6, 20) and torch.equal(copied, repeated)
+
+
+def test_num_samples_share_one_prefill_of_the_prompt(monkeypatch):
+    model = tiny(vocab=26)
+    shapes = []
+    step = model.forward_step
+    monkeypatch.setattr(model, "forward_step", lambda idx, cache: shapes.append(tuple(idx.shape)) or step(idx, cache))
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    samples = generate(model, tok, "abcde", SampleConfig(max_new_tokens=4, temperature=1.0, seed=1, num_samples=3))
+    assert shapes == [(1, 5), (3, 1), (3, 1), (3, 1)]
+    assert [len(s.tokens) for s in samples] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("pos", POS_ENCODINGS)
+def test_static_cache_gives_the_tokens_of_the_growing_cache(pos):
+    model = tiny(pos)
+    prompt = torch.randint(0, 30, (2, 5))
+    static = torch.stack(list(decode(model, prompt, 20, greedy, copies=2, static_cache=True)), dim=1)
+    growing = torch.stack(list(decode(model, prompt, 20, greedy, copies=2, static_cache=False)), dim=1)
+    assert torch.equal(static, growing)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_static_step_on_cuda_matches_the_eager_growing_cache():
+    model = tiny("rope").cuda()
+    prompt = torch.randint(0, 30, (1, 5), device="cuda")
+    compiled = torch.stack(list(decode(model, prompt, 20, greedy, copies=3)), dim=1)  # static + compile on CUDA
+    eager = torch.stack(list(decode(model, prompt, 20, greedy, copies=3, static_cache=False)), dim=1)
+    assert torch.equal(compiled, eager)
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    [sample] = generate(tiny(vocab=26).cuda(), tok, "abc", SampleConfig(max_new_tokens=10, temperature=0))
+    assert len(sample.tokens) == 10  # under bf16/fp16 autocast with a cache in that dtype

@@ -263,3 +263,43 @@ def test_val_bits_per_byte_is_logged_from_the_bytes_the_data_records(char_data, 
     for row in rows:
         expected = float(row["val_loss"]) * val.tokens / math.log(2) / val.bytes
         assert float(row["val_bpb"]) == pytest.approx(expected)
+
+
+def test_speed_columns_leave_out_evaluation_and_checkpoint_time(char_data, tmp_path, monkeypatch):
+    # A clock that jumps an hour during every evaluation and every checkpoint: if either were
+    # counted, the window after it would report over a minute per iteration.
+    jump = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + jump[0])
+
+    def slow(method):
+        def run(*args, **kwargs):
+            jump[0] += 3600.0
+            return method(*args, **kwargs)
+        return run
+
+    from gpt.objectives import LanguageModelling
+    from gpt.train import Trainer
+    monkeypatch.setattr(LanguageModelling, "evaluate", slow(LanguageModelling.evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
+    train(tiny_config(char_data, tmp_path / "run", max_iters=12, log_interval=2, eval_interval=2, ckpt_interval=3))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["ms_per_iter"]]
+    assert jump[0] >= 10 * 3600.0  # the evaluations and checkpoints did happen
+    assert len(rows) == 6
+    for row in rows:
+        assert 0 < float(row["ms_per_iter"]) < 60_000
+        assert float(row["tok_per_s"]) == pytest.approx(4 * 32 * 1000 / float(row["ms_per_iter"]))
+
+
+def test_mfu_is_filled_on_a_cpu_from_the_measured_matmul_peak(char_data, tmp_path):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=4, log_interval=2))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["loss"]]
+    assert len(rows) == 2
+    assert all(0 < float(r["mfu"]) < 1 for r in rows)
+
+
+def test_measuring_the_matmul_peak_leaves_the_global_random_state_alone():
+    from gpt.device import measured_matmul_flops
+    before = torch.get_rng_state()
+    assert measured_matmul_flops(((8, 16, 24),), repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), before)

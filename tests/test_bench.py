@@ -1,0 +1,67 @@
+"""scripts/bench.py runs end to end and reports what it promises. No timing thresholds here:
+speed targets live in BENCHMARKS.md, measured on an idle machine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--tiny", "--profile",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text(encoding="utf-8")), done.stdout
+
+
+def test_training_rows_compare_with_the_reference_and_the_matmul_peak(report):
+    results, _ = report
+    assert [r["model"] for r in results["train"]] == ["baby", "6-layer"]
+    for row in results["train"]:
+        for key in ("ms_per_iter", "ref_ms_per_iter", "tok_per_s", "ref_tok_per_s", "speedup",
+                    "achieved_flops", "matmul_flops", "fraction_of_matmul", "loader_ms_per_batch"):
+            assert row[key] > 0, key
+        assert row["tok_per_s"] == pytest.approx(row["batch"] * row["block_size"] * 1000 / row["ms_per_iter"])
+        assert row["achieved_flops"] == pytest.approx(row["flops_per_token"] * row["tok_per_s"])
+
+
+def test_sampling_rows_have_the_bandwidth_bound_and_transformers_beside_them(report):
+    results, _ = report
+    assert results["copy_bandwidth"] > 0
+    assert [(r["model"], r["batch"]) for r in results["sample"]] == [
+        ("cpu-config", 1), ("cpu-config", 8), ("gpt2-124M", 1), ("gpt2-124M", 8)]
+    for row in results["sample"]:
+        assert row["tok_per_s"] > 0 and row["bandwidth_bound_tok_per_s"] > 0
+    # The rotary CPU config has no Hugging Face twin; the GPT-2-shaped model has.
+    assert all(r["hf_tok_per_s"] is None for r in results["sample"] if r["model"] == "cpu-config")
+    assert all(r["hf_tok_per_s"] > 0 and r["speedup_vs_hf"] > 0 for r in results["sample"] if r["model"] == "gpt2-124M")
+
+
+def test_prepare_row_and_markdown_table(report):
+    results, stdout = report
+    prepare = results["prepare"]
+    for key in ("raw_mb_per_s", "prepare_mb_per_s", "speedup", "peak_rss_mb", "small_peak_rss_mb"):
+        assert prepare[key] > 0, key
+    assert prepare["small_corpus_mb"] < prepare["corpus_mb"]
+    assert results["machine"]["torch"] and results["machine"]["cores"] >= 1
+    for header in ("| train |", "| sample |", "| prepare |"):
+        assert header in stdout
+
+
+def test_profile_prints_the_top_ops_of_a_training_and_a_sampling_step(report):
+    _, stdout = report
+    training, sampling = stdout.split("training step")[1].split("sampling,")
+    assert "aten::mm" in training and "aten::" in sampling and "Self CPU time total" in sampling
+
+
+def test_unknown_part_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--only", "trian"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "unknown part 'trian'" in done.stderr and "Traceback" not in done.stderr
