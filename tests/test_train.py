@@ -19,9 +19,10 @@ from gpt.errors import GptError
 from gpt.formats import RunFolder
 from gpt.metrics import read_metrics
 from gpt.model import GPT
+from gpt.optim import make_optimizer
 from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
-from gpt.train import accumulate_gradients, build_trainer, lr_at, make_optimizer, train
+from gpt.train import accumulate_gradients, build_trainer, lr_at, train
 
 
 def with_changes(config, *overrides):
