@@ -370,8 +370,10 @@ def _loop(tr: Trainer, resumed: bool) -> int:
             state.iter += 1
             state.tokens += step_tokens
             if budget is not None and budget.due(state.iter):
+                measuring = time.perf_counter()
                 tc = _spend_budget(tr, budget, batches[-1], progress)
                 budget = None
+                window_start += time.perf_counter() - measuring  # speed counts training steps only
             window_tokens += step_tokens
             window_iters += 1
             row: dict[str, Any] = {}
