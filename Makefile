@@ -16,10 +16,11 @@ $(BIN)/gpt: pyproject.toml
 
 env: $(BIN)/gpt
 
-# Prepare the bundled Shakespeare (characters), train the CPU config briefly, print a sample.
+# Prepare the bundled Shakespeare (characters), train the CPU config for a 2-minute budget
+# (the same time on any host: the run picks its number of steps), print a sample.
 demo: env
 	$(BIN)/gpt prepare shakespeare_char --overwrite
-	$(BIN)/gpt train configs/shakespeare_char.yaml --overwrite train.max_iters=$(or $(ITERS),600) train.eval_interval=200 train.eval_iters=50 train.ckpt_interval=200
+	$(BIN)/gpt train configs/shakespeare_char.yaml --overwrite train.max_minutes=$(or $(MINUTES),2) train.eval_interval=200 train.eval_iters=50 train.ckpt_interval=200
 	$(BIN)/gpt sample runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
 
 test: env

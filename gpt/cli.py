@@ -379,6 +379,16 @@ def _model_info(model) -> dict:
     return {**dataclasses.asdict(model), "params": params, "flops_per_token": flops}
 
 
+def _architecture(model: dict) -> str:
+    """The block's choices in words: norm, activation and the options off by default."""
+    parts = [f"{model['norm_position']}-{model['norm']}", f"{model['activation']} MLP",
+             "qk-norm" if model["qk_norm"] else None,
+             f"logits soft-capped at {model['logit_softcap']:g}" if model["logit_softcap"] else None,
+             "zero-initialised output projections" if model["zero_init_proj"] else None,
+             "tied head" if model["tie_embeddings"] else "untied head"]
+    return ", ".join(p for p in parts if p)
+
+
 def _print_info(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, ensure_ascii=False))
@@ -390,6 +400,7 @@ def _print_info(info: dict, as_json: bool) -> None:
         print(f"preset {info['preset']}")
     print(f"  model: {model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, context "
           f"{model['block_size']}, vocab {model['vocab_size']}, {model['pos_encoding']} positions")
+    print(f"  {_architecture(model)}")
     params = model["params"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     print(f"  {params:,} parameters ({size}), {model['flops_per_token']:.3g} training FLOPs per token "

@@ -78,8 +78,8 @@ class ModelConfig:
     block_size: int = option(256, "context length in tokens; longer prompts are cropped")
     vocab_size: Optional[int] = option(None, "vocabulary size; null takes it from the data's meta.json")
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = option("learned", "position encoding")
-    activation: Literal["gelu", "gelu_tanh", "relu"] = option(
-        "gelu", "MLP non-linearity: exact GELU, its tanh approximation (GPT-2's), or ReLU")
+    activation: Literal["gelu", "gelu_tanh", "relu", "relu2"] = option(
+        "gelu", "MLP non-linearity: exact GELU, its tanh approximation (GPT-2's), ReLU, or ReLU squared")
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalisation layer")
     norm_eps: float = option(1e-5, "epsilon added to the variance in every norm layer")
     norm_position: Literal["pre", "post"] = option(
@@ -89,6 +89,12 @@ class ModelConfig:
     dropout: float = option(0.0, "dropout probability during training")
     attn_dropout: Optional[float] = option(
         None, "dropout on attention probabilities; null means model.dropout (0 keeps SDPA's fused kernel)")
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys (learned gain) before positions "
+                           "and attention")
+    zero_init_proj: bool = option(False, "start the attention and MLP output projections at zero, so each "
+                                  "block begins as the identity")
+    logit_softcap: Optional[float] = option(
+        None, "soft-cap the output logits to (-cap, cap) with cap * tanh(logits / cap); null disables")
 
     def __post_init__(self) -> None:
         _require(self.preset is None or self.preset in PRESETS,
@@ -107,6 +113,8 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _require(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
                  f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        _require(self.logit_softcap is None or self.logit_softcap > 0,
+                 f"model.logit_softcap must be positive or null, got {self.logit_softcap}")
 
 
 @dataclass(kw_only=True)
@@ -126,6 +134,13 @@ class TrainConfig:
     batch_size: int = option(64, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
     max_iters: int = option(5000, "optimizer steps to train for")
+    max_minutes: Optional[float] = option(
+        None, "wall-clock budget: after a short warm-up, lower max_iters (and so the LR schedule) to end within "
+        "it, evals and checkpoints included; the number chosen is kept for --resume; null disables")
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", "adamw, or muon: torch.optim.Muon for the blocks' 2-D weights and AdamW for the rest")
+    muon_lr: float = option(0.02, "peak learning rate of Muon's weights (train.optimizer=muon); the schedule "
+                            "scales it as it scales train.lr")
     lr: float = option(1.0e-3, "peak learning rate")
     min_lr: float = option(1.0e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = option(100, "steps of linear warmup")
@@ -156,6 +171,9 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         _require(self.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
         _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _require(self.muon_lr > 0, f"train.muon_lr must be positive, got {self.muon_lr}")
+        _require(self.max_minutes is None or self.max_minutes > 0,
+                 f"train.max_minutes must be positive or null, got {self.max_minutes}")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
         _require(self.lr_decay_iters is None or self.lr_decay_iters >= 1,
                  f"train.lr_decay_iters must be at least 1, got {self.lr_decay_iters}")

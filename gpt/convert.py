@@ -347,11 +347,15 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
     the tokenizer's files) that transformers.GPT2LMHeadModel.from_pretrained loads as is."""
     checkpoint = read_checkpoint(checkpoint_path)
     config = checkpoint.config.model
-    for field, value, needed in [("pos_encoding", config.pos_encoding, "learned"), ("norm", config.norm, "layernorm"),
-                                 ("norm_position", config.norm_position, "pre")]:
+    for field, needed in [("pos_encoding", "learned"), ("norm", "layernorm"), ("norm_position", "pre"),
+                          ("qk_norm", False), ("logit_softcap", None)]:
+        value = getattr(config, field)
         if value != needed:
             raise GptError(f"model.{field}={value} cannot be expressed as Hugging Face GPT-2, which needs "
                            f"model.{field}={needed}; only GPT-2-shaped models can be exported")
+    if config.activation not in EXPORT_ACTIVATIONS:
+        raise GptError(f"model.activation={config.activation} cannot be expressed as Hugging Face GPT-2, which "
+                       f"has {', '.join(EXPORT_ACTIVATIONS)}; only GPT-2-shaped models can be exported")
     model = load_model(checkpoint)
     tokenizer = checkpoint.tokenizer
     files = gpt2_tokenizer_files() if tokenizer.name == "gpt2" else {

@@ -150,6 +150,13 @@ class Progress:
         else:
             print(f"iter {it}/{self.total} | {text}", flush=True)
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (a time budget fixed max_iters)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def advance(self, it: int) -> None:
         if self.bar is not None:
             self.bar.n = it

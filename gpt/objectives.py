@@ -8,6 +8,7 @@ a `train.init_from` source before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -109,6 +110,9 @@ class Objective(Protocol):
                  dist: distributed.Dist) -> Evaluation:
         """Losses (and accuracies) that agree on every rank."""
 
+    def eval_batches(self) -> int:
+        """Batches of train.batch_size rows an evaluation reads (a time budget estimates its cost)."""
+
 
 class LanguageModelling:
     """Pretraining and LM fine-tuning: random windows of the token shards, next-token loss."""
@@ -145,6 +149,9 @@ class LanguageModelling:
         # Bits per byte compare models with different tokenizers; datasets record the bytes of each split.
         val_bpb = bits_per_byte(losses["val"], val.tokens, val.bytes) if "val" in losses and val.bytes else None
         return Evaluation(losses=losses, val_bpb=val_bpb)
+
+    def eval_batches(self) -> int:
+        return self.config.train.eval_iters * len(self.dataset.splits)
 
 
 class TaskFineTuning:
@@ -200,6 +207,9 @@ class TaskFineTuning:
             result.losses[split] = loss
             result.accuracy.update(accuracy)
         return result
+
+    def eval_batches(self) -> int:
+        return sum(math.ceil(len(examples) / self.config.train.batch_size) for examples in self.eval_sets.values())
 
 
 def _resolve_task_config(config: Config, labels: list[str] | None, text_vocab: int) -> Config:

@@ -338,7 +338,7 @@ class TaskModel(nn.Module):
         logits = self.head(states, extract, labels.size(0))
         loss = F.cross_entropy(logits, labels)
         if self.lm_weight > 0:
-            lm_logits = self.gpt.lm_head(states).float()
+            lm_logits = self.gpt.logits(states).float()
             lm_loss = F.cross_entropy(lm_logits.flatten(0, 1), lm_targets.flatten(), ignore_index=IGNORE)
             loss = loss + self.lm_weight * lm_loss
         return logits, loss

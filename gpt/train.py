@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from gpt import budget as budgeting
 from gpt import distributed
 from gpt.checkpoint import (
     Checkpoint,
@@ -34,7 +35,7 @@ from gpt.checkpoint import (
     save_checkpoint,
     stage_optimizer_shards,
 )
-from gpt.config import Config, dump_yaml, to_dict
+from gpt.config import Config, TrainConfig, dump_yaml, to_dict
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock
 from gpt.errors import GptError
@@ -42,6 +43,7 @@ from gpt.formats import RunFolder
 from gpt.metrics import Evaluation, MetricsLog, Progress
 from gpt.model import GPT
 from gpt.objectives import Objective, check_init_from, make_objective, shape_differences
+from gpt.optim import build_optimizer, set_lr
 from gpt.shards import DeviceBatches
 
 # ----------------------------------------------------------------------------- optimisation
@@ -55,21 +57,6 @@ def lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int
         return min_lr
     progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weight matrices of attention and MLP only.
-
-    Biases, norm gains and embedding tables (the token embedding is also the output matrix
-    when tied) are not decayed, as in GPT-2 and minGPT: decaying them shrinks features the
-    model needs without regularising anything useful."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
@@ -156,11 +143,12 @@ class TrainState:
     best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
+    budget_iters: int | None = None  # the max_iters that train.max_minutes chose (gpt.budget)
 
     def state_dict(self) -> dict[str, Any]:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
         return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "best_val_acc": self.best_val_acc,
-                "losses": dict(self.losses), "accuracy": dict(self.accuracy)}
+                "losses": dict(self.losses), "accuracy": dict(self.accuracy), "budget_iters": self.budget_iters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
@@ -169,6 +157,7 @@ class TrainState:
         self.best_val_acc = state.get("best_val_acc")
         self.losses = dict(state.get("losses") or {})
         self.accuracy = dict(state.get("accuracy") or {})
+        self.budget_iters = state.get("budget_iters")
 
     def record(self, evaluation: Evaluation) -> bool:
         """Keep an evaluation's results; True when it is the best so far: the highest val
@@ -230,6 +219,9 @@ def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
         fields = ", ".join(f"model.{name}" for name in changed)
         raise GptError(f"cannot resume {checkpoint.path}: {fields} differ from the checkpoint's; "
                        "resume with the same model or start a new run with another train.out_dir")
+    if checkpoint.config.train.optimizer != config.train.optimizer:
+        raise GptError(f"cannot resume {checkpoint.path} with train.optimizer={config.train.optimizer}: it was "
+                       f"trained with {checkpoint.config.train.optimizer}; resume with the same optimizer")
     diff = config_diff(checkpoint.config, config)
     if diff:
         print("resuming with these config changes:\n" + "\n".join(diff))
@@ -248,7 +240,7 @@ class Trainer:
     head: torch.nn.Module | None    # a task run's head, saved beside the model's weights
     trained: torch.nn.Module        # what the optimizer trains: the model, or the model with its head
     forward_model: torch.nn.Module  # `trained` compiled and/or DDP-wrapped, used for forward passes
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # or gpt.optim.Optimizers, which acts as one
     scaler: torch.amp.GradScaler | None
     batches: DeviceBatches
     device: torch.device
@@ -323,6 +315,9 @@ def check_parallel(parallel: str, config: Config, dtype: torch.dtype) -> None:
         return
     if config.task.kind is not None:
         raise GptError("train.parallel=fsdp shards language models only; fine-tune a task with train.parallel=ddp")
+    if config.train.optimizer == "muon":
+        raise GptError("train.parallel=fsdp with train.optimizer=muon is not supported (Muon orthogonalises whole "
+                       "matrices, FSDP holds shards of them); use train.parallel=ddp or train.optimizer=adamw")
     if dtype == torch.float16:
         raise GptError("train.parallel=fsdp with train.dtype=float16 is not supported (its GradScaler does not "
                        "handle sharded gradients); use train.dtype=bfloat16 or float32")
@@ -354,6 +349,8 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     if resume and not run.checkpoints():
         raise GptError(f"nothing to resume: {run.root} has no complete checkpoint; drop --resume to start a new run")
     checkpoint = read_checkpoint(run.root) if resume else None
+    if checkpoint is not None:
+        config = budgeting.resumed_config(config, checkpoint.state)
     objective = make_objective(config, checkpoint)
     config = objective.config
     check_parallel(parallel, config, dtype)
@@ -374,7 +371,7 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     trained.to(device)
     forward_model = parallelize(trained, model, parallel, tc.compile, device, dtype)
     # After sharding: FSDP replaces the parameters the optimizer must hold.
-    optimizer = make_optimizer(trained, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), device)
+    optimizer = build_optimizer(trained, tc, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batches = DeviceBatches(objective.sampler([tc.seed, 0], dist), tc.grad_accum, device)
     trainer = Trainer(config=config, run=run, objective=objective, model=model, head=head, trained=trained,
@@ -431,13 +428,13 @@ def _loop(tr: Trainer, resumed: bool) -> int:
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
+    budget = budgeting.Budget(tc.max_minutes, state.iter) if tc.max_minutes and state.budget_iters is None else None
     with StopRequest() as stop:
         # Every rank must take the same number of steps, or one waits forever in a collective:
         # the stop request is agreed between ranks before each step.
         while state.iter < tc.max_iters and not distributed.any_rank(stop.signum is not None, tr.dist, tr.device):
             lr = lr_at(state.iter, tc.lr, tc.min_lr, tc.warmup_iters, tc.decay_iters)
-            for group in tr.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(tr.optimizer, lr)
             batches = tr.batches.next()
             loss = accumulate_gradients(tr.forward_model, batches, tr.autocast, tr.scaler)
             grad_norm = optimizer_step(tr.trained, tr.optimizer, tr.scaler, tc.grad_clip)
@@ -445,6 +442,11 @@ def _loop(tr: Trainer, resumed: bool) -> int:
             step_tokens = sum(batch[0].numel() for batch in batches) * tr.dist.world_size
             state.iter += 1
             state.tokens += step_tokens
+            if budget is not None and budget.due(state.iter):
+                measuring = time.perf_counter()
+                tc = _spend_budget(tr, budget, batches[-1], progress)
+                budget = None
+                window_start += time.perf_counter() - measuring  # speed counts training steps only
             window_tokens += step_tokens
             window_iters += 1
             row: dict[str, Any] = {}
@@ -477,6 +479,23 @@ def _loop(tr: Trainer, resumed: bool) -> int:
                 print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
         progress.close()
         return stop.exit_code or (130 if stopped else 0)
+
+
+def _spend_budget(tr: Trainer, budget: budgeting.Budget, batch: tuple[torch.Tensor, ...], progress: Progress
+                  ) -> TrainConfig:
+    """Fix max_iters from the costs measured now (gpt.budget); every rank takes rank 0's number,
+    or ranks would stop at different steps and wait for each other forever."""
+    tc, state = tr.config.train, tr.state
+    checkpoint = {"model": tr.model.state_dict(), **{k: v.state_dict() for k, v in tr.shared_state().items()}}
+    costs = budget.measure(state.iter, budgeting.timed_forward(_unwrap_ddp(tr.forward_model), batch, tr.autocast),
+                           tr.objective.eval_batches(), checkpoint)
+    chosen = budget.decide(state.iter, tc.max_iters, costs, tc.eval_interval, tc.ckpt_interval)
+    state.budget_iters = distributed.gather_objects(chosen, tr.dist)[0]
+    tr.config = budgeting.with_max_iters(tr.config, state.budget_iters)
+    progress.set_total(state.budget_iters)
+    if tr.dist.is_main:
+        print(budgeting.describe(tc.max_minutes, state.budget_iters, tc.max_iters, costs))
+    return tr.config.train
 
 
 def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:

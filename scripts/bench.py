@@ -53,10 +53,11 @@ from gpt.device import (
     training_matmul_shapes,
 )
 from gpt.model import GPT
+from gpt.optim import make_optimizer
 from gpt.sample import decode
 from gpt.shards import BatchSampler, DeviceBatches
 from gpt.tokenizer import gpt2_encoding
-from gpt.train import accumulate_gradients, make_optimizer, optimizer_step
+from gpt.train import accumulate_gradients, optimizer_step
 
 # The two training shapes. The 6-layer one runs batch 8 (not nanoGPT's 64) to keep an
 # iteration near a second on a 2-core CPU; tokens/s hardly depends on it at this size.

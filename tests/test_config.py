@@ -55,6 +55,11 @@ def test_unknown_keys_get_a_suggestion(override, hint):
     ("model.dropout=1.5", "model.dropout must be in"),
     ("train.bias", "section.key=value"),
     ("sample.top_p=0", "top_p must be in"),
+    ("train.max_minutes=0", "train.max_minutes must be positive or null"),
+    ("train.optimizer=sgd", "choose one of adamw, muon"),
+    ("train.muon_lr=0", "train.muon_lr must be positive"),
+    ("model.logit_softcap=-5", "model.logit_softcap must be positive or null"),
+    ("model.activation=swish", "choose one of gelu, gelu_tanh, relu, relu2"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(GptError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
@@ -90,3 +95,10 @@ def test_bad_yaml_is_reported_with_its_line(tmp_path):
 def test_every_preset_sets_its_fields(name):
     model = to_dict(build_config({"model": {"preset": name}}))["model"]
     assert {key: model[key] for key in PRESETS[name]} == PRESETS[name]
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("gpt")])
+def test_paper_presets_keep_the_modern_options_off(name):
+    model = build_config({"model": {"preset": name}}).model
+    assert (model.qk_norm, model.zero_init_proj, model.logit_softcap) == (False, False, None)
+    assert model.activation in ("gelu", "gelu_tanh") and build_config({}).train.optimizer == "adamw"

@@ -232,6 +232,9 @@ def test_our_gpt2_shaped_models_export_exactly_and_come_back(cli, tmp_path, mode
     (dict(pos_encoding="sinusoidal"), "model.pos_encoding=sinusoidal cannot be expressed"),
     (dict(norm="rmsnorm"), "model.norm=rmsnorm cannot be expressed"),
     (dict(norm_position="post"), "model.norm_position=post cannot be expressed"),
+    (dict(qk_norm=True), "model.qk_norm=True cannot be expressed"),
+    (dict(logit_softcap=30.0), "model.logit_softcap=30.0 cannot be expressed"),
+    (dict(activation="relu2"), "model.activation=relu2 cannot be expressed"),
 ])
 def test_models_gpt2_cannot_express_are_refused_by_field(cli, tmp_path, model, message):
     config = build_config({"model": {"preset": "tiny", "vocab_size": 257, **model}})

@@ -25,8 +25,9 @@ from gpt.config import load_config
 from gpt.errors import GptError
 from gpt.metrics import read_metrics
 from gpt.model import GPT
+from gpt.optim import make_optimizer
 from gpt.shards import BatchSampler
-from gpt.train import check_parallel, make_optimizer
+from gpt.train import check_parallel
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -201,7 +202,8 @@ def test_parallel_none_with_several_processes_is_refused(monkeypatch):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["task.kind=classify", "task.train=x.jsonl"], "shards language models only"),
-    (["train.dtype=float16"], "float16 is not supported")])
+    (["train.dtype=float16"], "float16 is not supported"),
+    (["train.optimizer=muon"], "optimizer=muon is not supported")])
 def test_fsdp_refuses_what_it_cannot_shard(char_data, tmp_path, overrides, message):
     config = load_config(tiny_yaml(tmp_path, char_data), overrides)
     dtype = torch.float16 if "train.dtype=float16" in overrides else torch.float32

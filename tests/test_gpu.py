@@ -15,7 +15,8 @@ from gpt.checkpoint import load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, load_config, to_dict
 from gpt.metrics import read_metrics
 from gpt.model import GPT, KVCache
-from gpt.train import make_optimizer, train
+from gpt.optim import make_optimizer
+from gpt.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

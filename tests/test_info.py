@@ -7,6 +7,11 @@ import sys
 import pytest
 from conftest import REPO
 
+from gpt.checkpoint import save_model_folder
+from gpt.config import build_config
+from gpt.model import GPT
+from gpt.tokenizer import TokenizerSpec
+
 # GPT-3 paper, table 2.1: total parameters of each model.
 GPT3_PAPER_PARAMS = {"gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,
                      "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9}
@@ -50,3 +55,15 @@ def test_python_dash_m_gpt_runs_the_cli():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"]["n_layer"] == 12
+
+
+def test_info_names_the_architecture_options_of_a_checkpoint(cli, tmp_path):
+    config = build_config({"model": {"preset": "tiny", "vocab_size": 257, "activation": "relu2", "qk_norm": True,
+                                     "logit_softcap": 15.0, "zero_init_proj": True, "tie_embeddings": False}})
+    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), {"iter": 0})
+    code, out, _ = cli("info", tmp_path / "ckpt")
+    assert code == 0
+    assert ("pre-layernorm, relu2 MLP, qk-norm, logits soft-capped at 15, zero-initialised output projections, "
+            "untied head") in out
+    code, out, _ = cli("info", "--preset", "gpt2")
+    assert "pre-layernorm, gelu_tanh MLP, tied head" in out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt.config import build_config
-from gpt.model import GPT, sinusoidal_table
+from gpt.model import GPT, KVCache, ReLUSquared, sinusoidal_table
 
 POS_ENCODINGS = ["learned", "sinusoidal", "rope"]
 
@@ -29,7 +29,8 @@ def test_future_tokens_do_not_change_past_logits(pos):
 
 
 @pytest.mark.parametrize("variant", [dict(norm="rmsnorm"), dict(activation="relu"), dict(norm_position="post"),
-                                     dict(bias=True), dict(tie_embeddings=False)])
+                                     dict(bias=True), dict(tie_embeddings=False), dict(activation="relu2"),
+                                     dict(qk_norm=True), dict(logit_softcap=5.0), dict(zero_init_proj=True)])
 def test_variants_give_logits_of_the_right_shape(variant):
     model = tiny(**variant)
     logits, loss = model(torch.randint(0, 50, (3, 10)))
@@ -130,3 +131,55 @@ def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
     default = train_mode_logits(dropout=0.3)
     assert torch.equal(default, train_mode_logits(dropout=0.3, attn_dropout=0.3))
     assert not torch.equal(default, train_mode_logits(dropout=0.3, attn_dropout=0.0))
+
+
+# ----------------------------------------------------------------------------- modern options
+
+@pytest.mark.parametrize("variant", [dict(qk_norm=True, pos_encoding="rope"), dict(qk_norm=True),
+                                     dict(logit_softcap=2.0), dict(activation="relu2")])
+def test_cached_steps_match_the_full_forward(variant):
+    model = tiny(**variant)
+    idx = torch.randint(0, 50, (2, 12))
+    cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model.forward_step(idx[:, :8], cache)
+        steps = torch.stack([model.forward_step(idx[:, t:t + 1], cache) for t in range(8, 12)], dim=1)
+        full = model(idx)[0]
+    torch.testing.assert_close(steps, full[:, 8:12])
+
+
+def test_logit_softcap_is_cap_times_tanh_and_bounds_the_logits():
+    model = tiny(logit_softcap=3.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # raw logits far beyond the cap
+        idx = torch.randint(0, 50, (2, 10))
+        raw = model.lm_head(model.hidden_states(idx, None))
+        logits = model(idx)[0]
+    assert raw.abs().max() > 30
+    torch.testing.assert_close(logits, 3.0 * torch.tanh(raw / 3.0))
+    assert logits.abs().max() <= 3.0
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = tiny(zero_init_proj=True)
+    projections = [m for block in model.blocks for m in (block.attn.proj, block.mlp.proj)]
+    assert all(not p.weight.any() for p in projections)
+    assert tiny().blocks[0].attn.proj.weight.any()
+    idx = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        embedded = model.wte(idx) + model.wpe(torch.arange(10))
+        torch.testing.assert_close(model.hidden_states(idx, None), model.norm_f(embedded))
+
+
+def test_qk_norm_gives_queries_and_keys_unit_rms_per_head():
+    model = tiny(qk_norm=True)
+    with torch.no_grad():
+        q, k, v = model.blocks[0].attn.heads(torch.randn(2, 10, 64) * 5, None)
+    for t in (q, k):
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, 2, 10), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(v.pow(2).mean(-1), torch.ones(2, 2, 10), atol=0.1)
+
+
+def test_relu_squared_is_relu_then_square():
+    x = torch.linspace(-3, 3, 13)
+    assert torch.equal(ReLUSquared()(x), torch.clamp(x, min=0) ** 2)

@@ -17,9 +17,10 @@ from gpt.errors import GptError
 from gpt.formats import RunFolder
 from gpt.metrics import read_metrics
 from gpt.model import GPT
+from gpt.optim import build_optimizer, make_optimizer, set_lr
 from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
-from gpt.train import accumulate_gradients, build_trainer, lr_at, make_optimizer, train
+from gpt.train import accumulate_gradients, build_trainer, lr_at, train
 
 
 def with_changes(config, *overrides):
@@ -58,11 +59,44 @@ def test_weight_decay_skips_embeddings_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(build_config({"model": {"preset": "tiny", "vocab_size": 40, "bias": True,
+                                        "tie_embeddings": False, "qk_norm": True}}).model)
+    tc = build_config({"train": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.02, "weight_decay": 0.1}}).train
+    optimizer = build_optimizer(model, tc, torch.device("cpu"))
+    muon, adamw = optimizer.optimizers["muon"], optimizer.optimizers["adamw"]
+    hidden = {id(p) for block in model.blocks for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc,
+                                                           block.mlp.proj) for p in [layer.weight]}
+    assert {id(p) for p in muon.param_groups[0]["params"]} == hidden
+    rest = [id(p) for group in adamw.param_groups for p in group["params"]]
+    assert hidden.isdisjoint(rest) and len(rest) + len(hidden) == len(list(model.parameters()))
+    assert id(model.lm_head.weight) in rest and id(model.wte.weight) in rest
+    set_lr(optimizer, 5e-4)  # half the peak: Muon's lr is halved too
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4, 0.01])
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    tc = build_config({"train": {"optimizer": "muon"}}).train
+    model = GPT(build_config({"model": {"preset": "tiny", "vocab_size": 40}}).model)
+    with pytest.raises(GptError, match=r"train.optimizer=muon needs torch.optim.Muon.*use train.optimizer=adamw"):
+        build_optimizer(model, tc, torch.device("cpu"))
+
+
+def test_resume_with_another_optimizer_is_refused(char_data, tmp_path, cli):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=2))
+    code, _, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=4", "train.optimizer=muon")
+    assert code == 2 and "trained with adamw; resume with the same optimizer" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 LOGGED = ("iter", "tokens", "loss", "lr", "grad_norm", "eval_train_loss", "val_loss")
 
 
-def test_resume_gives_bitwise_identical_losses(char_data, tmp_path):
-    straight = tiny_config(char_data, tmp_path / "straight", max_iters=20, lr_decay_iters=20, eval_interval=5)
+@pytest.mark.parametrize("options", [[], ["train.optimizer=muon"]])
+def test_resume_gives_bitwise_identical_losses(char_data, tmp_path, options):
+    straight = with_changes(tiny_config(char_data, tmp_path / "straight", max_iters=20, lr_decay_iters=20,
+                                        eval_interval=5), *options)
     assert train(straight) == 0
     first = with_changes(straight, f"train.out_dir={tmp_path / 'split'}", "train.max_iters=10")
     assert train(first) == 0
