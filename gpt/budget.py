@@ -2,20 +2,26 @@
 
 The rule. The budget counts from the start of training (after start-up: imports, data, model).
 Steps 1 to `UNTIMED` are not timed (the first one compiles or warms up allocators); steps
-`UNTIMED + 1` to `DECIDE_AT` are, and their mean is the cost of a step. Right after step
-`DECIDE_AT` the run times a forward pass of its last micro-batch without gradients (what one
-evaluation batch costs) and multiplies it by the batches an evaluation reads, and times the
-serialisation of a checkpoint's contents in memory (the disk write itself is not timed: for
-the models a budget is meant for it is the smaller part). It then fixes `max_iters` to the largest number of steps whose
-training, evaluations (every `eval_interval` and at the end) and checkpoints (every
-`ckpt_interval` and at the end) fit in `SAFETY` of the time left. `max_iters` from the config
-stays an upper bound: whichever of the two is reached first ends the run. With
-`lr_decay_iters: null` the cosine schedule follows the new `max_iters`.
+`UNTIMED + 1` to `DECIDE_AT` are, and their mean is the cost of a step, provided they took at
+least `TIMED_SHARE` of the budget. If they took less (a small model's steps are short, and they
+get faster over the first hundred or so), the run times the next window instead, twice as many
+steps, and so on until a window is long enough: the cost is then the mean of a window of
+warmed-up steps. Right after the deciding step the run times a forward pass of its last micro-
+batch without gradients (what one evaluation batch costs) and multiplies it by the batches an
+evaluation reads, and times the serialisation of a checkpoint's contents in memory (the disk
+write itself is not timed: for the models a budget is meant for it is the smaller part). It
+then fixes `max_iters` to the largest number of steps whose training, evaluations (every
+`eval_interval` and at the end) and checkpoints (every `ckpt_interval` and at the end) fit in
+`SAFETY` of the time left. `max_iters` from the config stays an upper bound: whichever of the
+two is reached first ends the run. With `lr_decay_iters: null` the cosine schedule follows the
+new `max_iters`.
 
 The number is decided once: it goes into state.json (`budget_iters`) and the saved config, and
 `--resume` continues to it without measuring again, so a resumed run follows the same schedule
-bit for bit (a checkpoint written before the decision, at most `DECIDE_AT` steps in, has no
-number yet: resuming it measures again). It is an estimate: a host that slows down later (other jobs) ends late.
+bit for bit (a checkpoint written before the decision has no number yet: resuming it measures
+again). Steps before the decision follow the schedule of the config's `max_iters`; during the
+warmup (100 steps by default) that is the same schedule. It is an estimate: a host that slows
+down later (other jobs) ends late.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import torch
 
 from gpt.config import Config
 
-UNTIMED = 2     # steps before timing starts
-DECIDE_AT = 10  # steps (after the run's start or resume) after which max_iters is fixed
+UNTIMED = 2          # steps before timing starts
+DECIDE_AT = 10       # steps (after the run's start or resume) after which max_iters is fixed, at the earliest
+TIMED_SHARE = 0.02   # the timed window must last at least this share of the budget
 SAFETY = 0.95   # share of the time left that is planned for: room for noise, logging and plots
 
 clock: Callable[[], float] = time.perf_counter  # tests replace it with a fake clock
@@ -88,19 +95,29 @@ class Budget:
         self.seconds = 60.0 * minutes
         self.start_iter = start_iter
         self.started = clock()
-        self.timed_from: float | None = None
+        self.check_at = start_iter + DECIDE_AT
+        self.timed_from = self.timed_until = 0.0
+        self.timed_from_iter = start_iter + UNTIMED
 
     def due(self, it: int) -> bool:
         """Call after every step `it`; True once, when it is time to decide."""
         if it == self.start_iter + UNTIMED:
             self.timed_from = clock()
-        return it == self.start_iter + DECIDE_AT
+        if it != self.check_at:
+            return False
+        self.timed_until = clock()
+        if self.timed_until - self.timed_from >= TIMED_SHARE * self.seconds:
+            return True
+        # Too short to trust: time the next window, twice as many steps, from here.
+        self.timed_from, self.timed_from_iter = self.timed_until, it
+        self.check_at = self.start_iter + 2 * (it - self.start_iter)
+        return False
 
     def measure(self, it: int, eval_forward: Callable[[], Any], eval_batches: int,
                 checkpoint: dict[str, Any]) -> Costs:
         """Costs measured at step `it`: the timed steps, one evaluation batch (run twice: the
         first may compile) and the serialisation of `checkpoint` (the state dicts a checkpoint saves)."""
-        step = (clock() - self.timed_from) / (it - self.start_iter - UNTIMED)
+        step = (self.timed_until - self.timed_from) / (it - self.timed_from_iter)
         eval_forward()
         before = clock()
         eval_forward()

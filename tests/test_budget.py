@@ -46,6 +46,22 @@ def test_iters_within_is_the_largest_run_that_fits(seconds, limit, expected):
         assert cost_of(10, chosen, costs, 10, 5) <= seconds < cost_of(10, chosen + 1, costs, 10, 5)
 
 
+def test_a_window_too_short_to_trust_is_replaced_by_a_longer_one_of_warmed_up_steps(monkeypatch):
+    now = 0.0
+    monkeypatch.setattr(budget, "clock", lambda: now)
+    timer = budget.Budget(minutes=1.0, start_iter=0)  # windows must last 2% of 60 s = 1.2 s
+    decided_at = None
+    for it in range(1, 1000):
+        now += 0.1 if it <= 10 else 0.02  # slow first steps, then the steady state
+        if timer.due(it):
+            decided_at = it
+            break
+    # Windows 3-10 (0.8 s), 10-20, 20-40, 40-80 (0.2, 0.4, 0.8 s) are too short; 80-160 lasts 1.6 s.
+    assert decided_at == 160
+    costs = timer.measure(decided_at, lambda: None, eval_batches=1, checkpoint={})
+    assert costs.step == pytest.approx(0.02)  # the warmed-up steps only
+
+
 class FakeClock:
     """A clock that advances one second each time it is read: the costs a run measures then
     depend only on how often the budget reads it, never on the host."""
