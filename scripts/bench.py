@@ -265,13 +265,22 @@ def bench_sample(name: str, args: argparse.Namespace, bandwidth: float) -> list[
 
 # ----------------------------------------------------------------------------- prepare
 
+# Peak RSS from /proc's VmHWM, which belongs to the child's own memory map: getrusage's ru_maxrss
+# keeps the parent's high-water mark across fork and exec (it read 2 GB, the sampling models').
 PREPARE_CHILD = """
 import json, resource, sys, time
+from pathlib import Path
 from gpt.data import PrepareOptions, prepare
 start = time.perf_counter()
 prepare(PrepareOptions(sources=[sys.argv[1]], tokenizer="gpt2", out=sys.argv[2], workers=int(sys.argv[3])))
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+seconds = time.perf_counter() - start
+status = Path("/proc/self/status")
+if status.exists():
+    hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    peak_mb = int(hwm.split()[1]) / 1024
+else:  # not Linux: ru_maxrss (kilobytes on Linux, bytes on macOS)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 """
 
 
