@@ -99,14 +99,16 @@ class Budget:
         self.timed_from = self.timed_until = 0.0
         self.timed_from_iter = start_iter + UNTIMED
 
-    def due(self, it: int) -> bool:
-        """Call after every step `it`; True once, when it is time to decide."""
+    def due(self, it: int, agree: Callable[[bool], bool] = bool) -> bool:
+        """Call after every step `it`; True once, when it is time to decide. Under several
+        processes `agree` makes every rank give the same answer (their clocks differ), so that
+        all of them decide, and meet in the decision's collectives, at the same step."""
         if it == self.start_iter + UNTIMED:
             self.timed_from = clock()
         if it != self.check_at:
             return False
         self.timed_until = clock()
-        if self.timed_until - self.timed_from >= TIMED_SHARE * self.seconds:
+        if agree(self.timed_until - self.timed_from >= TIMED_SHARE * self.seconds):
             return True
         # Too short to trust: time the next window, twice as many steps, from here.
         self.timed_from, self.timed_from_iter = self.timed_until, it

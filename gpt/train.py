@@ -442,7 +442,8 @@ def _loop(tr: Trainer, resumed: bool) -> int:
             step_tokens = sum(batch[0].numel() for batch in batches) * tr.dist.world_size
             state.iter += 1
             state.tokens += step_tokens
-            if budget is not None and budget.due(state.iter):
+            if budget is not None and budget.due(state.iter, lambda long_enough: distributed.any_rank(
+                    long_enough, tr.dist, tr.device)):
                 measuring = time.perf_counter()
                 tc = _spend_budget(tr, budget, batches[-1], progress)
                 budget = None

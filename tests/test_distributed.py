@@ -182,6 +182,20 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(char_data, tmp_path, 
         assert "train.dist_timeout=10 s" in result.stderr
 
 
+@pytest.mark.slow
+def test_ranks_whose_clocks_disagree_decide_a_budget_at_the_same_step(char_data, tmp_path):
+    """Rank 1 finds its first timing window long enough, rank 0 does not: they must agree, or
+    one would enter the decision's collectives while the other trains on, and the job would hang."""
+    config = tiny_yaml(tmp_path, char_data, max_iters=30, max_minutes=1.0, ckpt_interval=100, dist_timeout=20)
+    env = {**os.environ, "GPT_TEST_FAST_CLOCK_RANK": "1"}
+    result = subprocess.run(torchrun(2, str(REPO / "tests" / "budget_rank.py"), "train", config), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "budget 1 min: max_iters=30 (train.max_iters=30 was the smaller)" in result.stdout
+    state = read_checkpoint(tmp_path / "run").state
+    assert state["iter"] == 30 and state["budget_iters"] == 30
+
+
 @pytest.mark.parametrize(("setting", "world_size", "expected"), [
     ("auto", 2, "ddp"), ("auto", 1, "none"), ("ddp", 1, "ddp"), ("fsdp", 2, "fsdp"), ("none", 1, "none")])
 def test_train_parallel_resolves_under_torchrun(monkeypatch, setting, world_size, expected):
