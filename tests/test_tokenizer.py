@@ -50,6 +50,15 @@ def test_gpt2_encode_ignores_special_token_text():
     assert 50256 not in tok.encode("<|endoftext|>")
 
 
+def test_gpt2_batch_encoding_in_threads_equals_tiktoken_ordinary_encoding():
+    tok = make_tokenizer("gpt2")
+    texts = [*TEXTS, "a <|endoftext|> b", "x" * 100_000]
+    for workers in (1, 3):
+        batch = tok.encode_batch(texts, workers)
+        assert [ids.tolist() for ids in batch] == [tok.encoding.encode_ordinary(t) for t in texts]
+        assert all(ids.dtype.kind == "u" and ids.itemsize >= 2 for ids in batch)  # fits a uint16 shard
+
+
 def test_char_vocab_is_sorted_and_unknown_chars_are_named():
     tok = CharTokenizer("banana")
     assert tok.vocab == "abn" and tok.vocab_size == 3
