@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 from gpt.errors import GptError
@@ -40,6 +41,25 @@ def replace_atomically(path: Path, data: bytes | str) -> None:
     write_durably(tmp, data)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def save_png(fig, path: Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure to a temporary name, then rename: never a half-written picture.
+    The figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings():
+            # Tokens in scripts the font lacks are drawn as boxes; one warning per glyph is noise.
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
+            fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GptError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
 
 
 class FolderLock:

@@ -11,9 +11,7 @@ queries and keys (`CausalSelfAttention.heads`), captured during a real forward p
 from __future__ import annotations
 
 import math
-import os
 import shlex
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt.durable import save_png
 from gpt.errors import GptError
 from gpt.model import GPT, CausalSelfAttention
 from gpt.sample import prompt_ids, sampling_probs
@@ -243,7 +242,7 @@ def plot_attention(weights: torch.Tensor, heads: list[int], labels: list[str], t
         ax.set_ylabel("attending token (query)")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     fig.suptitle(_plain_text(title))
-    save_png(fig, path)
+    save_png(fig, path, DPI)
 
 
 def draw_attention(model: GPT, tokenizer: Tokenizer, text: str, layer: int, head: int | None, path: Path,
@@ -348,7 +347,7 @@ def plot_embedding(coords: torch.Tensor, explained: list[float], labels: list[st
     ax.set_ylabel(f"principal axis 2 ({explained[1]:.0%} of the variance)")
     ax.grid(alpha=0.3)
     ax.set_title(_plain_text(title))
-    save_png(fig, path)
+    save_png(fig, path, DPI)
 
 
 def token_embedding(model: GPT) -> torch.Tensor:
@@ -410,21 +409,3 @@ def check_png_path(path: str) -> Path:
     if not out.parent.is_dir():
         raise GptError(f"-o {path}: folder {out.parent} does not exist; create it first")
     return out
-
-
-def save_png(fig, path: Path) -> None:
-    """Write the figure to a temporary name, then rename: never a half-written picture."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with warnings.catch_warnings():
-            # Tokens in scripts the font lacks are drawn as boxes; one warning per glyph is noise.
-            warnings.filterwarnings("ignore", message="Glyph .* missing from")
-            fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise GptError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)

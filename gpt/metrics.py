@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from gpt.durable import save_png
 from gpt.errors import GptError
 from gpt.formats import RunFolder
 
@@ -115,10 +116,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_png(fig, png_path)
 
 
 class Progress:
