@@ -32,7 +32,10 @@ from gpt.formats import TOKEN_DTYPE, DatasetMeta, SplitInfo
 from gpt.shards import ShardWriter
 from gpt.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18
+# Text pieces (of about CHUNK_BYTES) encoded per worker thread in one batch: with many, the
+# threads finish a batch together instead of one waiting for another's last piece.
+PIECES_PER_WORKER = 16
 DEFAULT_SHARD_TOKENS = 100_000_000
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
 # Recipes: a bundled corpus and the tokenizer it is usually prepared with.
@@ -247,7 +250,7 @@ class SplitEncoder:
         for piece in pieces:
             self.batch.append(piece)
             self.batch_chars += len(piece)
-            if self.batch_chars >= 2 * self.workers * CHUNK_BYTES:
+            if self.batch_chars >= PIECES_PER_WORKER * self.workers * CHUNK_BYTES:
                 self.flush()
 
     def flush(self) -> None:

