@@ -23,9 +23,10 @@ demo: env
 	$(BIN)/gpt train configs/shakespeare_char.yaml --overwrite train.max_minutes=$(or $(MINUTES),2) train.eval_interval=200 train.eval_iters=50 train.ckpt_interval=200
 	$(BIN)/gpt sample runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
 
+# --durations lists the slowest tests: keep the whole suite near 10 minutes on 2 cores.
 test: env
 	$(BIN)/ruff check gpt tests scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs data/shakespeare_char data/shakespeare_gpt2
