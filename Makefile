@@ -23,9 +23,9 @@ demo: env
 	$(BIN)/gpt train configs/shakespeare_char.yaml --overwrite train.max_minutes=$(or $(MINUTES),2) train.eval_interval=200 train.eval_iters=50 train.ckpt_interval=200
 	$(BIN)/gpt sample runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
 
-# The tests marked slow (multi-process runs, kill -9 loops, benchmarks' smoke test: about half of
-# the suite's 10 minutes on 2 cores) run only with SLOW=1, as CI runs them. --durations lists
-# the slowest: mark a test slow when it takes more than a few seconds.
+# The tests marked slow (training runs, multi-process runs, kill -9 loops, the benchmarks' smoke
+# test: 100 tests, about 9 of the suite's 10 minutes on 2 cores) run only with SLOW=1, as in
+# CI. --durations lists the slowest: mark a test slow when it takes more than a few seconds.
 test: env
 	$(BIN)/ruff check gpt tests scripts
 	$(BIN)/python -m pytest -q --durations=15 $(if $(SLOW),,-m "not slow")
