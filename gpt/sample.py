@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from gpt.config import SampleConfig
 from gpt.device import autocast_for, pick_dtype
@@ -103,6 +104,40 @@ def _new_cache(model: GPT, batch_size: int, static: bool) -> KVCache:
     kind = param.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
     return (StaticKVCache if static else KVCache)(model.config, batch_size, param.device, dtype)
+
+
+# A matrix smaller than this stays in nn.Linear: oneDNN's fixed cost per call outweighs what
+# its packed layout saves in reading (AVX2 host, batch 1: 0.26 MB 0.8x, 1.8 MB 1.2x, 7 MB 1.6x).
+PACK_MIN_WEIGHTS = 1 << 18
+
+
+class PackedLinear(nn.Module):
+    """An inference-only nn.Linear whose weight is stored in oneDNN's blocked layout, which
+    its CPU kernels read faster than MKL reads a row-major matrix: a one-token step reads
+    every weight once, so its speed is the speed of that read (BENCHMARKS.md, issue 14)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
+                             persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_for_cpu_decoding(model: GPT) -> GPT:
+    """Swap the large nn.Linear layers of an fp32 model on a CPU for `PackedLinear`, in place,
+    for sampling only (the model can no longer train or be saved whole). Elsewhere, or where
+    torch lacks oneDNN, the model is returned as it is."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.weight.numel() >= PACK_MIN_WEIGHTS:
+                setattr(module, name, PackedLinear(child))
+    return model
 
 
 @dataclass

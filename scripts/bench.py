@@ -54,7 +54,7 @@ from gpt.device import (
 )
 from gpt.model import GPT
 from gpt.optim import make_optimizer
-from gpt.sample import decode
+from gpt.sample import decode, pack_for_cpu_decoding
 from gpt.shards import BatchSampler, DeviceBatches
 from gpt.tokenizer import gpt2_encoding
 from gpt.train import accumulate_gradients, optimizer_step
@@ -240,6 +240,8 @@ def bench_sample(name: str, args: argparse.Namespace, bandwidth: float) -> list[
     torch.manual_seed(0)
     model = GPT(config).eval()
     hf = hf_twin(model)
+    params, weight_bytes = model.num_params(), weight_bytes_per_step(model)
+    model = pack_for_cpu_decoding(model)  # as `gpt sample` runs it
     steps = min(args.sample_tokens, config.block_size - 1)
     prompt = torch.zeros(1, 1, dtype=torch.long)
     rows = []
@@ -254,9 +256,9 @@ def bench_sample(name: str, args: argparse.Namespace, bandwidth: float) -> list[
                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
                             pad_token_id=0)
         timing = interleaved(ours, theirs if hf is not None else None, args.budget_s, args.repeats)
-        bound = batch * bandwidth / weight_bytes_per_step(model)
+        bound = batch * bandwidth / weight_bytes
         tok_s = batch * steps / timing["ours_s"]
-        rows.append({"model": name, "params": model.num_params(), "batch": batch, "new_tokens": steps,
+        rows.append({"model": name, "params": params, "batch": batch, "new_tokens": steps,
                      "tok_per_s": tok_s, "bandwidth_bound_tok_per_s": bound, "fraction_of_bound": tok_s / bound,
                      "hf_tok_per_s": batch * steps / timing["theirs_s"] if hf is not None else None,
                      "speedup_vs_hf": timing["speedup"]})
@@ -375,7 +377,7 @@ def profile_tables(args: argparse.Namespace) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as train_prof:
         for _ in range(3):
             step(batches)
-    sampler = GPT(model_config(SAMPLE_MODELS["gpt2-124M"], args.tiny)).eval()
+    sampler = pack_for_cpu_decoding(GPT(model_config(SAMPLE_MODELS["gpt2-124M"], args.tiny)).eval())
     prompt = torch.zeros(1, 1, dtype=torch.long)
     with profile(activities=[ProfilerActivity.CPU]) as sample_prof:
         for _ in decode(sampler, prompt, 16, lambda logits: logits.argmax(-1)):

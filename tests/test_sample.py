@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -6,7 +7,17 @@ from conftest import tiny_config
 
 from gpt.config import SampleConfig, build_config
 from gpt.model import GPT
-from gpt.sample import chat_prompt, crop_to_context, decode, few_shot_prompt, filter_logits, generate, pick_tokens
+from gpt.sample import (
+    PackedLinear,
+    chat_prompt,
+    crop_to_context,
+    decode,
+    few_shot_prompt,
+    filter_logits,
+    generate,
+    pack_for_cpu_decoding,
+    pick_tokens,
+)
 from gpt.tokenizer import ByteTokenizer, CharTokenizer
 from gpt.train import train
 
@@ -258,3 +269,25 @@ def test_compiled_static_step_on_cuda_matches_the_eager_growing_cache():
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
     [sample] = generate(tiny(vocab=26).cuda(), tok, "abc", SampleConfig(max_new_tokens=10, temperature=0))
     assert len(sample.tokens) == 10  # under bf16/fp16 autocast with a cache in that dtype
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch built with oneDNN")
+def test_packed_linears_decode_the_tokens_of_the_plain_model():
+    """Width 256: the MLP's 256 x 1024 matrices reach the packing size, attention's do not."""
+    torch.manual_seed(0)
+    config = build_config({"model": {"preset": "tiny", "n_embd": 256, "n_head": 4, "vocab_size": 1000,
+                                     "block_size": 32}}).model
+    plain = GPT(config).eval()
+    packed = pack_for_cpu_decoding(copy.deepcopy(plain))
+    kinds = {name: type(module) for name, module in packed.named_modules()}
+    assert kinds["blocks.0.mlp.fc"] is PackedLinear and kinds["blocks.0.attn.qkv"] is torch.nn.Linear
+    prompt = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(prompt)[0], plain(prompt)[0], rtol=1e-4, atol=1e-4)
+    tokens = [torch.stack(list(decode(m, prompt, 30, greedy)), dim=1) for m in (plain, packed)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_only_fp32_cpu_models_are_packed():
+    model = tiny().to(torch.bfloat16)
+    assert not any(isinstance(m, PackedLinear) for m in pack_for_cpu_decoding(model).modules())
