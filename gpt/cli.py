@@ -160,10 +160,10 @@ def sample(
     no_cache: bool = typer.Option(False, help="Recompute the whole context each step (slow; for checks)."),
 ) -> None:
     """Generate text from a trained checkpoint (settings default to the run's sample section)."""
-    from gpt.sample import few_shot_prompt, pack_for_cpu_decoding
+    from gpt.sample import few_shot_prompt, ready_for_decoding
 
     model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
-    model = pack_for_cpu_decoding(model)
+    model = ready_for_decoding(model)
     settings = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
                                 stop=list(stop) if stop else None, ignore_eot=ignore_eot,
@@ -191,10 +191,10 @@ def chat(
 ) -> None:
     """Talk to a base model through a plain-text transcript (prompt framing, not instruction
     tuning); the same as `gpt sample --interactive`."""
-    from gpt.sample import pack_for_cpu_decoding
+    from gpt.sample import ready_for_decoding
 
     model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
-    model = pack_for_cpu_decoding(model)
+    model = ready_for_decoding(model)
     settings = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)
     _chat(model, tokenizer, settings, system, None)

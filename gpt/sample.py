@@ -72,18 +72,20 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
     recomputing from scratch at every step, for every kind of position encoding.
 
     `static_cache` (default: on CUDA) uses a `StaticKVCache`; on CUDA the one-token step is
-    then compiled once, with fixed shapes, and fuses its small ops."""
+    then compiled once, with fixed shapes, and replayed as a CUDA graph (`CudaGraphStep`)."""
     block_size = model.config.block_size
     device = next(model.parameters()).device
     static = device.type == "cuda" if static_cache is None else static_cache
     cache = _new_cache(model, idx.size(0), static) if use_cache else None
-    one_token_step = torch.compile(model.forward_step) if static and device.type == "cuda" else model.forward_step
     seq = idx[:, -block_size:]
     logits = model.forward_step(seq, cache)
     if copies > 1:
         seq, logits = seq.repeat_interleave(copies, dim=0), logits.repeat_interleave(copies, dim=0)
         if cache is not None:
             cache.repeat_interleave(copies)
+    one_token_step = model.forward_step
+    if static and device.type == "cuda" and steps > 1 and seq.size(1) < block_size:
+        one_token_step = CudaGraphStep(torch.compile(model.forward_step), cache)
     for step in range(steps):
         token = pick(logits)
         yield token
@@ -95,6 +97,38 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
         else:
             seq = seq[:, -block_size:]
             logits = model.forward_step(seq, None)
+
+
+class CudaGraphStep:
+    """A one-token step recorded once as a CUDA graph and then replayed for every token. A
+    small model's decoding on a GPU is bound by the host launching kernels one by one (GPT-2
+    124M: about 7 ms per token eager or compiled on an H100, BENCHMARKS.md); a replay is one
+    launch. The cache must be a `StaticKVCache`: its buffers keep their addresses and its
+    position lives on the device, so the recorded graph stays valid from token to token.
+
+    The logits returned are the graph's own output buffer, overwritten by the next call."""
+
+    def __init__(self, step: Callable[[torch.Tensor, KVCache], torch.Tensor], cache: StaticKVCache):
+        self.token = torch.zeros(cache.keys.size(1), 1, dtype=torch.long, device=cache.keys.device)
+        position = cache.index.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile, choose kernels and allocate before recording
+                step(self.token, cache)
+                cache.index.copy_(position)  # what the warm-up wrote at this slot is written again
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # Autocast's cache of weights cast to bf16 must not hold tensors that live in the graph.
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False), torch.cuda.graph(self.graph):
+            self.logits = step(self.token, cache)
+
+    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
 
 
 def _new_cache(model: GPT, batch_size: int, static: bool) -> KVCache:
@@ -138,6 +172,16 @@ def pack_for_cpu_decoding(model: GPT) -> GPT:
             if type(child) is nn.Linear and child.weight.numel() >= PACK_MIN_WEIGHTS:
                 setattr(module, name, PackedLinear(child))
     return model
+
+
+def ready_for_decoding(model: GPT) -> GPT:
+    """The model as `gpt sample` and `gpt chat` run it, changed in place (sampling only): on a
+    GPU with bf16, the weights stored in bf16 (each token reads every weight once, so half the
+    bytes, and autocast has nothing left to cast each step); on a CPU, `pack_for_cpu_decoding`."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and pick_dtype("auto", device) == torch.bfloat16:
+        return model.to(torch.bfloat16)
+    return pack_for_cpu_decoding(model)
 
 
 @dataclass

@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh            # from the repository root, with the package installed
 #   PYTHON=.venv/bin/python scripts/gpu_check.sh
 #
-# Prints one PASS/FAIL line per check (the tests marked `gpu` in tests/test_gpu.py) and exits
+# Prints one PASS/FAIL line per check (the tests marked `gpu`, most in tests/test_gpu.py) and exits
 # non-zero when any check fails or none ran.
 set -u
 
@@ -23,7 +23,7 @@ fi
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 # -rA lists every test's outcome; -s lets the throughput test print its line.
-timeout 600 "$PYTHON" -m pytest -m gpu -q -s -rA -p no:cacheprovider tests/test_gpu.py >"$report" 2>&1
+timeout 600 "$PYTHON" -m pytest -m gpu -q -s -rA -p no:cacheprovider tests >"$report" 2>&1
 status=$?
 
 grep -E '^GPT-2 124M on ' "$report"
@@ -31,8 +31,8 @@ failed=0
 passed=0
 while read -r outcome name _; do
     case $outcome in
-        PASSED) echo "PASS ${name#tests/test_gpu.py::}"; passed=$((passed + 1)) ;;
-        FAILED | ERROR) echo "FAIL ${name#tests/test_gpu.py::}"; failed=$((failed + 1)) ;;
+        PASSED) echo "PASS ${name#tests/}"; passed=$((passed + 1)) ;;
+        FAILED | ERROR) echo "FAIL ${name#tests/}"; failed=$((failed + 1)) ;;
         SKIPPED) echo "FAIL skipped: $name"; failed=$((failed + 1)) ;;
     esac
 done < <(grep -E '^(PASSED|FAILED|ERROR|SKIPPED) ' "$report")

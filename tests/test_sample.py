@@ -17,6 +17,7 @@ from gpt.sample import (
     generate,
     pack_for_cpu_decoding,
     pick_tokens,
+    ready_for_decoding,
 )
 from gpt.tokenizer import ByteTokenizer, CharTokenizer
 from gpt.train import train
@@ -269,6 +270,19 @@ def test_compiled_static_step_on_cuda_matches_the_eager_growing_cache():
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
     [sample] = generate(tiny(vocab=26).cuda(), tok, "abc", SampleConfig(max_new_tokens=10, temperature=0))
     assert len(sample.tokens) == 10  # under bf16/fp16 autocast with a cache in that dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_stores_the_weights_in_bf16_and_replays_a_graph_per_token(monkeypatch):
+    model = ready_for_decoding(tiny("learned").cuda())
+    assert next(model.parameters()).dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    tokens = list(decode(model, torch.randint(0, 30, (1, 5), device="cuda"), 12, greedy, copies=2))
+    assert len(tokens) == 12 and tokens[0].shape == (2,)
+    assert len(replays) == 11  # one per token after the first (drawn from the prefill's logits)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch built with oneDNN")
