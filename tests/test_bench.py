@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -65,3 +66,11 @@ def test_unknown_part_is_refused_in_one_line():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--only", "trian"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "unknown part 'trian'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_bench_without_a_gpu_says_so_in_one_line_and_exits_2():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py")], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "bench_gpu.py needs a CUDA device; scripts/bench.py measures the CPU"

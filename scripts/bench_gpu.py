@@ -1,0 +1,236 @@
+"""The GPU numbers of issue 14, measured in one run on one CUDA device: markdown tables and JSON.
+
+    python scripts/bench_gpu.py [--only train,sample] [--batch 16,32] [--nanogpt DIR] [--json PATH]
+
+- train: GPT-2 124M (block 1024) through the step `gpt train` runs on this GPU (bf16 autocast,
+  torch.compile, fused AdamW): ms/iter, tokens/s and MFU against the GPU's datasheet bf16 peak
+  (`gpt.device.GPU_PEAK_FLOPS`), with GPT-2's vocabulary (50,257) and padded to 50,304 as nanoGPT
+  does. With --nanogpt DIR (a checkout of karpathy/nanoGPT), its own train.py runs on the same
+  GPU, batch and block on random tokens; its MFU is rescaled to this GPU's peak (it divides by an
+  A100's 312 TFLOP/s). Both count 6 N + 12 n_layer n_embd block_size FLOPs per token.
+- sample: greedy decoding tokens/s of GPT-2 124M (random weights) at batch 1 and 8 after a
+  one-token prompt: as `gpt sample` runs it (weights in bf16, static cache, compiled one-token
+  step replayed as a CUDA graph), the same with fp32 weights under bf16 autocast, fp32 eager with
+  the growing cache, and transformers' `generate` (bf16 weights, its KV cache) when it is
+  installed; beside the bound that reading every weight once per step at the measured copy
+  bandwidth allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from bench import hf_twin, our_step, weight_bytes_per_step
+
+from gpt.config import build_config
+from gpt.device import autocast_for, peak_flops
+from gpt.model import GPT
+from gpt.sample import decode, ready_for_decoding
+
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
+NANOGPT_A100_PEAK = 312e12  # what nanoGPT's estimate_mfu divides by
+
+
+def gpu_seconds(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call of fn, the GPU's queue drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+def first_call_seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of the first two calls (compilation, autotuning, allocator warm-up)."""
+    return 2 * gpu_seconds(fn, 2)
+
+
+# ----------------------------------------------------------------------------- train
+
+def bench_train(batch: int, vocab_size: int, steps: int) -> dict[str, Any]:
+    torch._dynamo.reset()  # each shape compiles from scratch, as in a fresh `gpt train`
+    torch.cuda.reset_peak_memory_stats()
+    config = build_config({"model": {"preset": "gpt2", "vocab_size": vocab_size}}).model
+    device = torch.device("cuda")
+    model, step = our_step(config, device)
+    data = torch.randint(0, 50257, (batch, config.block_size + 1), device=device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    compile_s = first_call_seconds(lambda: step([(x, y)]))
+    seconds = statistics.median(gpu_seconds(lambda: step([(x, y)]), steps) for _ in range(3))
+    tok_s = batch * config.block_size / seconds
+    peak = peak_flops(None, device)
+    return {"impl": "gpt train", "batch": batch, "vocab_size": vocab_size, "ms_per_iter": 1000 * seconds,
+            "tok_per_s": tok_s, "mfu": model.flops_per_token() * tok_s / peak if peak else None,
+            "compile_s": compile_s, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def bench_nanogpt(checkout: Path, batch: int, steps: int) -> dict[str, Any]:
+    """nanoGPT's train.py, unchanged, on random tokens: the median of its own per-iteration
+    times after the first 10 iterations (compilation)."""
+    work = Path(tempfile.mkdtemp(prefix="nanogpt_"))
+    try:
+        for name in NANOGPT_FILES:
+            shutil.copy(checkout / name, work / name)
+        data = work / "data" / "random"
+        data.mkdir(parents=True)
+        tokens = np.random.default_rng(0).integers(0, 50257, 4_000_000, dtype=np.uint16)
+        for split in ("train", "val"):
+            tokens.tofile(data / f"{split}.bin")
+        command = [sys.executable, "train.py", "--dataset=random", f"--batch_size={batch}", "--block_size=1024",
+                   "--gradient_accumulation_steps=1", f"--max_iters={10 + steps}", "--eval_interval=100000",
+                   "--eval_iters=1", "--log_interval=1", "--compile=True", "--dropout=0.0", "--bias=True",
+                   "--always_save_checkpoint=False", "--wandb_log=False", "--warmup_iters=10"]
+        done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nanoGPT's train.py failed:\n{done.stderr[-3000:]}")
+    times = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", done.stdout)
+             if int(it) >= 10]
+    seconds = statistics.median(times) / 1000
+    peak = peak_flops(None, torch.device("cuda"))
+    mfu = [float(m) / 100 for m in re.findall(r"mfu (-?[\d.]+)%", done.stdout)][-1]
+    return {"impl": "nanoGPT train.py", "batch": batch, "vocab_size": 50304, "ms_per_iter": 1000 * seconds,
+            "tok_per_s": batch * 1024 / seconds, "mfu": mfu * NANOGPT_A100_PEAK / peak if peak else None,
+            "compile_s": None, "peak_memory_gb": None}
+
+
+def train_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| GPT-2 124M training | batch x block | vocab | ms/iter | tokens/s | MFU | compile s | peak GB |",
+             "|" + "---|" * 8]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "?"
+        compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
+        memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        lines.append(f"| {r['impl']} | {r['batch']} x 1024 | {r['vocab_size']:,} | {r['ms_per_iter']:.1f} "
+                     f"| {r['tok_per_s']:,.0f} | {mfu} | {compile_s} | {memory} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sample
+
+def gpu_copy_bandwidth(megabytes: int = 1024) -> float:
+    """Bytes per second of a device-to-device copy, counting the bytes read and written."""
+    src = torch.ones(megabytes * (1 << 20) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = min(gpu_seconds(lambda: dst.copy_(src), 10) for _ in range(3))
+    return 2 * src.numel() * 4 / seconds
+
+
+def bench_sample(steps: int, bandwidth: float) -> list[dict[str, Any]]:
+    config = build_config({"model": {"preset": "gpt2"}}).model
+    torch.manual_seed(0)
+    model = GPT(config).cuda().eval()
+    fp32_bytes = weight_bytes_per_step(model)
+    hf = hf_twin(model.cpu())
+    model.cuda()
+    if hf is not None:
+        hf = hf.to("cuda", torch.bfloat16)
+    bf16_model = GPT(config).cuda().eval()
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_model = ready_for_decoding(bf16_model)  # as `gpt sample` runs it: bf16 weights
+    autocast = autocast_for(torch.device("cuda"), torch.bfloat16)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    greedy = lambda logits: logits.argmax(-1)  # noqa: E731
+
+    def ours(net: GPT, batch: int, static: bool, under_autocast: bool) -> Callable[[], None]:
+        def run() -> None:
+            with autocast() if under_autocast else torch.no_grad():
+                for _ in decode(net, prompt, steps, greedy, copies=batch, static_cache=static):
+                    pass
+        return run
+
+    def theirs(batch: int) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                hf.generate(prompt.repeat(batch, 1), attention_mask=torch.ones_like(prompt).repeat(batch, 1),
+                            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
+                            pad_token_id=0)
+        return run
+
+    rows = []
+    for batch in (1, 8):
+        contenders = {"fp32 weights, autocast, eager, growing cache": (ours(model, batch, False, True), fp32_bytes),
+                      "fp32 weights, autocast, compiled step as a CUDA graph":
+                      (ours(model, batch, True, True), fp32_bytes),
+                      "gpt sample: bf16 weights, compiled step as a CUDA graph":
+                      (ours(bf16_model, batch, True, True), fp32_bytes // 2)}
+        if hf is not None:
+            contenders["transformers generate (bf16 weights)"] = (theirs(batch), fp32_bytes // 2)
+        for name, (run, weight_bytes) in contenders.items():
+            warm_s = first_call_seconds(run)
+            seconds = statistics.median(gpu_seconds(run, 1) for _ in range(3))
+            tok_s = batch * steps / seconds
+            bound = batch * bandwidth / weight_bytes
+            rows.append({"impl": name, "batch": batch, "new_tokens": steps, "tok_per_s": tok_s,
+                         "bound_tok_per_s": bound, "fraction_of_bound": tok_s / bound, "first_calls_s": warm_s})
+            print(sample_table(rows[-1:]), flush=True)
+    return rows
+
+
+def sample_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| GPT-2 124M sampling | batch | tokens/s | bound tokens/s | of bound | first 2 calls s |",
+             "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['batch']} | {r['tok_per_s']:,.0f} | {r['bound_tok_per_s']:,.0f} "
+                     f"| {100 * r['fraction_of_bound']:.1f}% | {r['first_calls_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="train,sample", help="comma-separated parts: train, sample")
+    parser.add_argument("--batch", default="16", help="comma-separated training batch sizes (sequences of 1024)")
+    parser.add_argument("--vocab", default="50257,50304", help="comma-separated vocabulary sizes to train")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat")
+    parser.add_argument("--sample-tokens", type=int, default=256, help="new tokens per sampling run")
+    parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, to run its train.py too")
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA device; scripts/bench.py measures the CPU", file=sys.stderr)
+        sys.exit(2)
+    parts = set(args.only.split(","))
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d")}
+    print(f"{results['gpu']} | torch {results['torch']} | CUDA {results['cuda']} | {results['date']}", flush=True)
+    if "train" in parts:
+        results["train"] = []
+        for batch in (int(b) for b in args.batch.split(",")):
+            for vocab_size in (int(v) for v in args.vocab.split(",")):
+                results["train"].append(bench_train(batch, vocab_size, args.steps))
+                print(train_table(results["train"][-1:]), flush=True)
+            if args.nanogpt:
+                results["train"].append(bench_nanogpt(args.nanogpt, batch, args.steps))
+                print(train_table(results["train"][-1:]), flush=True)
+        print("all training rows:\n" + train_table(results["train"]), flush=True)
+    if "sample" in parts:
+        bandwidth = results["copy_bandwidth"] = gpu_copy_bandwidth()
+        print(f"Copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write).", flush=True)
+        results["sample"] = bench_sample(args.sample_tokens, bandwidth)
+        print("all sampling rows:\n" + sample_table(results["sample"]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
