@@ -7,11 +7,13 @@ keeps its own peak (`train.muon_lr`).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
 from gpt.config import TrainConfig
+from gpt.device import cpu_has_native_bf16
 from gpt.errors import GptError
 from gpt.model import Block
 
@@ -38,6 +40,52 @@ def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     Embeddings, the output matrix and a task head are not hidden layers, and Muon is meant for
     matrices only."""
     return [p for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.dim() == 2]
+
+
+def orthogonalise_in_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                          eps: float) -> torch.Tensor:
+    """Muon's Newton-Schulz iteration (the quintic of torch.optim.Muon, with its coefficients
+    and step count) computed in fp32 instead of bf16."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    wide = x.T if grad.size(0) > grad.size(1) else x
+    wide = wide / wide.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = wide @ wide.T
+        wide = torch.addmm(wide, torch.addmm(gram, gram, gram, beta=b, alpha=c), wide, beta=a)
+    return wide.T if grad.size(0) > grad.size(1) else wide
+
+
+@contextlib.contextmanager
+def _newton_schulz(replacement: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Swap the function torch's Muon orthogonalises with (a private name) while inside."""
+    module = torch.optim._muon
+    original = module._zeropower_via_newtonschulz
+    module._zeropower_via_newtonschulz = replacement
+    try:
+        yield
+    finally:
+        module._zeropower_via_newtonschulz = original
+
+
+# On a torch without Muon (before 2.9) the class derives from Optimizer and is never used.
+class Fp32Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
+    """torch.optim.Muon, unchanged except that its Newton-Schulz products run in fp32. torch runs
+    them in bf16, which a CPU without native bf16 emulates: on a 2-core AVX2 host that made a
+    step of the char config 900 ms instead of 130 (AdamW: 115), for the same losses to 1e-4
+    (BENCHMARKS.md, issue 13). GPUs and bf16 CPUs keep torch's own Muon."""
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        with _newton_schulz(orthogonalise_in_fp32):
+            return super().step(closure)
+
+
+def muon_class(device: torch.device) -> type[torch.optim.Optimizer]:
+    """Fp32Muon on a CPU that would emulate bf16 (when this torch's Muon has the function it
+    swaps), else torch's Muon."""
+    emulated_bf16 = device.type == "cpu" and not cpu_has_native_bf16()
+    swappable = hasattr(getattr(torch.optim, "_muon", None), "_zeropower_via_newtonschulz")
+    return Fp32Muon if emulated_bf16 and swappable else torch.optim.Muon
 
 
 class Optimizers:
@@ -78,7 +126,7 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig,
     hidden = hidden_matrices(model)
     # Muon's decoupled decay shrinks weights by lr * weight_decay per step: scale it so that the
     # matrices decay as fast per step as they would under AdamW at train.lr.
-    muon = torch.optim.Muon(hidden, lr=tc.muon_lr, weight_decay=tc.weight_decay * tc.lr / tc.muon_lr)
+    muon = muon_class(device)(hidden, lr=tc.muon_lr, weight_decay=tc.weight_decay * tc.lr / tc.muon_lr)
     muon.param_groups[0]["lr_scale"] = tc.muon_lr / tc.lr
     adamw = make_optimizer(model, tc.lr, tc.weight_decay, betas, device, exclude=frozenset(map(id, hidden)))
     return Optimizers(adamw=adamw, muon=muon)

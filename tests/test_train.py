@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import REPO, tiny_config, tiny_yaml
 
-from gpt import distributed
+from gpt import distributed, optim
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, to_dict
 from gpt.errors import GptError
 from gpt.formats import RunFolder
 from gpt.metrics import read_metrics
 from gpt.model import GPT
-from gpt.optim import build_optimizer, make_optimizer, set_lr
+from gpt.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
 from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
 from gpt.train import accumulate_gradients, build_trainer, lr_at, train
@@ -81,6 +81,47 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
     model = GPT(build_config({"model": {"preset": "tiny", "vocab_size": 40}}).model)
     with pytest.raises(GptError, match=r"train.optimizer=muon needs torch.optim.Muon.*use train.optimizer=adamw"):
         build_optimizer(model, tc, torch.device("cpu"))
+
+
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+
+
+@needs_muon
+def test_muon_orthogonalises_in_fp32_only_on_a_cpu_that_would_emulate_bf16(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: False)
+    assert muon_class(torch.device("cpu")) is Fp32Muon
+    assert muon_class(torch.device("cuda")) is torch.optim.Muon
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: True)
+    assert muon_class(torch.device("cpu")) is torch.optim.Muon
+
+
+@needs_muon
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_fp32_newton_schulz_is_torchs_iteration_at_higher_precision(shape):
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    coefficients, steps, eps = (3.4445, -4.7750, 2.0315), 5, 1e-7
+    ours = orthogonalise_in_fp32(grad, coefficients, steps, eps)
+    theirs = torch.optim._muon._zeropower_via_newtonschulz(grad, coefficients, steps, eps)
+    assert ours.dtype == torch.float32 and ours.shape == shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=0.05)  # bf16 rounding apart
+    singular = torch.linalg.svdvals(ours)
+    assert 0.5 < singular.min() and singular.max() < 1.5  # what the quintic aims for
+
+
+@needs_muon
+def test_fp32_muon_steps_like_torchs_muon_and_puts_its_function_back():
+    torch.manual_seed(0)
+    start = torch.randn(32, 16)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    grad = torch.randn(32, 16)
+    original = torch.optim._muon._zeropower_via_newtonschulz
+    for weight, kind in zip(weights, (Fp32Muon, torch.optim.Muon)):
+        optimizer = kind([weight], lr=0.02, weight_decay=0.0)
+        weight.grad = grad.clone()
+        optimizer.step()
+    assert torch.optim._muon._zeropower_via_newtonschulz is original
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0.02 * 0.05)
+    assert not torch.equal(weights[0], weights[1])  # it did run the fp32 iteration
 
 
 def test_resume_with_another_optimizer_is_refused(char_data, tmp_path, cli):
