@@ -84,7 +84,7 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
         if cache is not None:
             cache.repeat_interleave(copies)
     one_token_step = model.forward_step
-    if static and device.type == "cuda" and steps > 1 and seq.size(1) < block_size:
+    if isinstance(cache, StaticKVCache) and device.type == "cuda" and steps > 1 and seq.size(1) < block_size:
         one_token_step = CudaGraphStep(torch.compile(model.forward_step), cache)
     for step in range(steps):
         token = pick(logits)

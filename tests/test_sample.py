@@ -283,6 +283,8 @@ def test_cuda_sampling_stores_the_weights_in_bf16_and_replays_a_graph_per_token(
     tokens = list(decode(model, torch.randint(0, 30, (1, 5), device="cuda"), 12, greedy, copies=2))
     assert len(tokens) == 12 and tokens[0].shape == (2,)
     assert len(replays) == 11  # one per token after the first (drawn from the prefill's logits)
+    uncached = list(decode(model, torch.randint(0, 30, (1, 5), device="cuda"), 4, greedy, use_cache=False))
+    assert len(uncached) == 4 and len(replays) == 11  # --no-cache: no cache, so nothing to record
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch built with oneDNN")
