@@ -107,6 +107,15 @@ def check_context(length: int, block_size: int) -> None:
                          f"(block_size={block_size}); crop the input to its last {block_size} tokens")
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm of queries or keys in the dtype they arrive in. Under autocast they come out of
+    the qkv product in bf16 while the gain is fp32; torch's fused kernel wants the two alike
+    (else it warns and runs a slower unfused version), so the 64-odd gains are cast instead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -117,8 +126,8 @@ class CausalSelfAttention(nn.Module):
         # QK-norm bounds the attention logits, which lets higher learning rates train stably;
         # the learned gain (per head dimension) gives back the sharpness a unit norm would cap.
         head_size = config.n_embd // config.n_head
-        self.q_norm = nn.RMSNorm(head_size, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = HeadRMSNorm(head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(head_size, eps=config.norm_eps) if config.qk_norm else None
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,18 @@ def test_qk_norm_gives_queries_and_keys_unit_rms_per_head():
     for t in (q, k):
         torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, 2, 10), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(v.pow(2).mean(-1), torch.ones(2, 2, 10), atol=0.1)
+
+
+def test_qk_norm_under_bf16_autocast_stays_bf16_without_a_dtype_warning():
+    model = tiny(qk_norm=True)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want, _, _ = model.blocks[0].attn.heads(x, None)
+        with torch.autocast("cpu", torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when input and gain dtypes differ
+            q, _, _ = model.blocks[0].attn.heads(x, None)
+    assert q.dtype == torch.bfloat16
+    torch.testing.assert_close(q.float(), want, rtol=0.05, atol=0.05)
 
 
 def test_relu_squared_is_relu_then_square():
