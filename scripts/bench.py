@@ -150,12 +150,14 @@ def model_config(fields: dict[str, Any], tiny: bool) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- train
 
-def our_step(config: ModelConfig, device: torch.device) -> tuple[GPT, Callable[[list], None]]:
-    """The step `gpt train` runs on this device, with its defaults (weight decay 0.1, clip 1)."""
+def our_step(config: ModelConfig, device: torch.device, compile_mode: str | None = None
+             ) -> tuple[GPT, Callable[[list], None]]:
+    """The step `gpt train` runs on this device, with its defaults (weight decay 0.1, clip 1);
+    `compile_mode` compiles with that torch.compile mode instead (an experiment on GPUs)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device)
-    forward = maybe_compile(model, "auto", device)
+    forward = maybe_compile(model, "auto", device) if compile_mode is None else torch.compile(model, mode=compile_mode)
     autocast = autocast_for(device, pick_dtype("auto", device))
 
     def step(batches: list) -> None:

@@ -1,6 +1,7 @@
 """The GPU numbers of issue 14, measured in one run on one CUDA device: markdown tables and JSON.
 
     python scripts/bench_gpu.py [--only train,sample] [--batch 16,32] [--nanogpt DIR] [--json PATH]
+                                [--compile-mode max-autotune] [--profile]
 
 - train: GPT-2 124M (block 1024) through the step `gpt train` runs on this GPU (bf16 autocast,
   torch.compile, fused AdamW): ms/iter, tokens/s and MFU against the GPU's datasheet bf16 peak
@@ -14,6 +15,9 @@
   the growing cache, and transformers' `generate` (bf16 weights, its KV cache) when it is
   installed; beside the bound that reading every weight once per step at the measured copy
   bandwidth allows.
+- --compile-mode: train with that torch.compile mode instead of the default `gpt train` uses.
+- --profile: torch.profiler's top GPU kernels of a training step and of a sampling token, with
+  how busy the GPU was (kernel time over wall time: far below 100% means the host is the limit).
 """
 
 from __future__ import annotations
@@ -60,19 +64,25 @@ def first_call_seconds(fn: Callable[[], Any]) -> float:
 
 # ----------------------------------------------------------------------------- train
 
-def bench_train(batch: int, vocab_size: int, steps: int) -> dict[str, Any]:
+def training_run(batch: int, vocab_size: int, compile_mode: str | None) -> tuple[GPT, Callable[[], None]]:
+    """GPT-2 124M and one call of `gpt train`'s step on a fixed random batch, compiled afresh."""
     torch._dynamo.reset()  # each shape compiles from scratch, as in a fresh `gpt train`
-    torch.cuda.reset_peak_memory_stats()
     config = build_config({"model": {"preset": "gpt2", "vocab_size": vocab_size}}).model
-    device = torch.device("cuda")
-    model, step = our_step(config, device)
-    data = torch.randint(0, 50257, (batch, config.block_size + 1), device=device)
+    model, step = our_step(config, torch.device("cuda"), compile_mode)
+    data = torch.randint(0, 50257, (batch, config.block_size + 1), device="cuda")
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    compile_s = first_call_seconds(lambda: step([(x, y)]))
-    seconds = statistics.median(gpu_seconds(lambda: step([(x, y)]), steps) for _ in range(3))
-    tok_s = batch * config.block_size / seconds
-    peak = peak_flops(None, device)
-    return {"impl": "gpt train", "batch": batch, "vocab_size": vocab_size, "ms_per_iter": 1000 * seconds,
+    return model, lambda: step([(x, y)])
+
+
+def bench_train(batch: int, vocab_size: int, steps: int, compile_mode: str | None) -> dict[str, Any]:
+    torch.cuda.reset_peak_memory_stats()
+    model, run = training_run(batch, vocab_size, compile_mode)
+    compile_s = first_call_seconds(run)
+    seconds = statistics.median(gpu_seconds(run, steps) for _ in range(3))
+    tok_s = batch * model.config.block_size / seconds
+    peak = peak_flops(None, torch.device("cuda"))
+    impl = "gpt train" if compile_mode is None else f"gpt train, compile mode {compile_mode}"
+    return {"impl": impl, "batch": batch, "vocab_size": vocab_size, "ms_per_iter": 1000 * seconds,
             "tok_per_s": tok_s, "mfu": model.flops_per_token() * tok_s / peak if peak else None,
             "compile_s": compile_s, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
 
@@ -190,6 +200,62 @@ def sample_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- profile
+
+def kernel_table(prof: Any, units: int, unit: str, wall_s: float, rows: int = 15) -> str:
+    """The GPU kernels of a profile, by their total time: share of all kernel time, calls and
+    microseconds per `unit`; above it, how busy the GPU was over the profiled wall time."""
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in kernels) or 1.0
+    calls = sum(e.count for e in kernels)
+    lines = [f"GPU busy {total_us / 1e6 / wall_s:.0%} of the wall time; per {unit}: {calls / units:.0f} kernels, "
+             f"{total_us / units / 1000:.3f} ms of kernel time, {1000 * wall_s / units:.3f} ms of wall time", "",
+             f"| kernel | share of kernel time | calls per {unit} | us per {unit} |", "|---|---|---|---|"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
+        lines.append(f"| `{e.key[:90]}` | {e.self_device_time_total / total_us:.1%} | {e.count / units:.1f} "
+                     f"| {e.self_device_time_total / units:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def profiled(fn: Callable[[], Any], calls: int) -> tuple[Any, float]:
+    """torch.profiler (CPU and CUDA) around `calls` calls of fn, and their wall seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+    return prof, wall_s
+
+
+def profile_train(batch: int, vocab_size: int, compile_mode: str | None, steps: int = 5) -> str:
+    _, run = training_run(batch, vocab_size, compile_mode)
+    for _ in range(3):  # compile, autotune, allocate
+        run()
+    prof, wall_s = profiled(run, steps)
+    return f"GPT-2 124M training step, batch {batch} x 1024, vocab {vocab_size:,}:\n" + kernel_table(
+        prof, steps, "step", wall_s)
+
+
+def profile_sample(tokens: int = 64) -> str:
+    """Kernels of `gpt sample`'s decoding at batch 1 (bf16 weights, CUDA graph replays), per token."""
+    torch.manual_seed(0)
+    model = ready_for_decoding(GPT(build_config({"model": {"preset": "gpt2"}}).model).cuda().eval())
+    prompt = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+
+    def run() -> None:
+        with autocast_for(torch.device("cuda"), torch.bfloat16)():
+            for _ in decode(model, prompt, tokens, lambda logits: logits.argmax(-1)):
+                pass
+    run()  # compile and record
+    prof, wall_s = profiled(run, 1)
+    return f"GPT-2 124M sampling, batch 1, bf16 weights, {tokens} tokens (one prefill among them):\n" + kernel_table(
+        prof, tokens, "token", wall_s)
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -200,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat")
     parser.add_argument("--sample-tokens", type=int, default=256, help="new tokens per sampling run")
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, to run its train.py too")
+    parser.add_argument("--compile-mode", help="torch.compile mode for training, e.g. max-autotune")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of training and sampling")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     return parser.parse_args(argv)
 
@@ -217,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         results["train"] = []
         for batch in (int(b) for b in args.batch.split(",")):
             for vocab_size in (int(v) for v in args.vocab.split(",")):
-                results["train"].append(bench_train(batch, vocab_size, args.steps))
+                results["train"].append(bench_train(batch, vocab_size, args.steps, args.compile_mode))
                 print(train_table(results["train"][-1:]), flush=True)
             if args.nanogpt:
                 results["train"].append(bench_nanogpt(args.nanogpt, batch, args.steps))
@@ -228,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write).", flush=True)
         results["sample"] = bench_sample(args.sample_tokens, bandwidth)
         print("all sampling rows:\n" + sample_table(results["sample"]), flush=True)
+    if args.profile:
+        batch, vocab_size = int(args.batch.split(",")[0]), int(args.vocab.split(",")[-1])
+        results["profile"] = [profile_train(batch, vocab_size, args.compile_mode), profile_sample()]
+        print("\n".join(results["profile"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

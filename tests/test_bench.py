@@ -1,9 +1,11 @@
 """scripts/bench.py runs end to end and reports what it promises. No timing thresholds here:
 speed targets live in BENCHMARKS.md, measured on an idle machine."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,3 +76,24 @@ def test_gpu_bench_without_a_gpu_says_so_in_one_line_and_exits_2():
                           timeout=120, cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.strip() == "bench_gpu.py needs a CUDA device; scripts/bench.py measures the CPU"
+
+
+def test_gpu_kernel_table_ranks_kernels_and_says_how_busy_the_gpu_was():
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
+    sys.path.insert(0, str(REPO / "scripts"))  # it imports its sibling bench
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(key="gemm", device_type=cuda, self_device_time_total=3000.0, count=40),
+              SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=0.0, count=40),
+              SimpleNamespace(key="triton_fused", device_type=cuda, self_device_time_total=1000.0, count=120)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    table = module.kernel_table(prof, units=4, unit="step", wall_s=0.008)
+    # 4 ms of kernels in 8 ms of wall time; 160 kernels over 4 steps; the CPU op is not a kernel.
+    assert table.splitlines()[0] == ("GPU busy 50% of the wall time; per step: 40 kernels, 1.000 ms of kernel time, "
+                                     "2.000 ms of wall time")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert rows == ["| `gemm` | 75.0% | 10.0 | 750 |", "| `triton_fused` | 25.0% | 30.0 | 250 |"]
