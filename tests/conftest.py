@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -14,6 +16,19 @@ from gpt.data import PrepareOptions, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts import their siblings, so scripts/ is on the path
+    while it loads)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return module
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """scripts/bench.py runs end to end and reports what it promises. No timing thresholds here:
 speed targets live in BENCHMARKS.md, measured on an idle machine."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +78,7 @@ def test_gpu_bench_without_a_gpu_says_so_in_one_line_and_exits_2():
 
 
 def test_gpu_kernel_table_ranks_kernels_and_says_how_busy_the_gpu_was():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
-    sys.path.insert(0, str(REPO / "scripts"))  # it imports its sibling bench
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    module = load_script("bench_gpu")
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events = [SimpleNamespace(key="gemm", device_type=cuda, self_device_time_total=3000.0, count=40),
               SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=0.0, count=40),

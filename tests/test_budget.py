@@ -1,13 +1,11 @@
 """train.max_minutes: the rule that turns measured costs into max_iters, and budgeted runs
 (decided under a fake clock, so that the number is the same on every host) resumed exactly."""
 
-import importlib.util
 import shutil
-import sys
 
 import pytest
 import yaml
-from conftest import REPO, tiny_config
+from conftest import load_script, tiny_config
 
 from gpt import budget
 from gpt.budget import Costs, cost_of, iters_within
@@ -133,13 +131,7 @@ def test_budgeted_run_resumes_bitwise_without_measuring_again(char_data, tmp_pat
 
 
 def test_bench_quality_reference_is_nanogpts_cpu_recipe():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "scripts" / "bench_quality.py")
-    sys.path.insert(0, str(REPO / "scripts"))  # it imports its sibling bench_train
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    module = load_script("bench_quality")
     config = build_config(module.NANOGPT_CPU)
     m, t = config.model, config.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias) == (4, 4, 128, 64, 0.0, False)
