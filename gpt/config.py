@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from gpt.errors import GptError
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes any seed below this
 
 # Architectures from the papers. Fields not named here keep ModelConfig's defaults.
 # GPT-2's MLP uses the tanh approximation of GELU (`gelu_new` in Hugging Face) and LayerNorm
@@ -182,8 +185,9 @@ class TrainConfig:
             _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.dist_timeout > 0, f"train.dist_timeout must be positive, got {self.dist_timeout}")
-        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        _require(self.device == "auto" or re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None,
                  f"train.device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        _require(0 <= self.seed < SEED_LIMIT, f"train.seed must be in [0, 2**64), got {self.seed}")
 
     @property
     def decay_iters(self) -> int:
@@ -209,6 +213,7 @@ class SampleConfig:
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _require(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}")
         _require(all(self.stop), "stop strings must not be empty")
+        _require(self.seed is None or 0 <= self.seed < SEED_LIMIT, f"seed must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -329,8 +334,10 @@ def _check_keys(raw: dict[str, Any]) -> None:
     for section, body in raw.items():
         if section not in SECTIONS:
             raise GptError(f"unknown config section {section!r}{_suggest(str(section), list(SECTIONS))}")
+        if body is None:  # an empty section in YAML
+            continue
         if not isinstance(body, dict):
-            raise GptError(f"config section {section!r} must be a mapping of keys to values")
+            raise GptError(f"config section {section!r} must be a mapping of keys to values, got {body!r}")
         known = list(_fields(SECTIONS[section]))
         for key in body:
             if key not in known:
@@ -340,6 +347,7 @@ def _check_keys(raw: dict[str, Any]) -> None:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to a raw config dict (a new dict is returned)."""
+    _check_keys(raw)
     result = {section: dict(body or {}) for section, body in raw.items()}
     for override in overrides:
         path, sep, value = override.partition("=")

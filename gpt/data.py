@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from gpt.durable import FolderLock, fsync_path
 from gpt.errors import GptError
-from gpt.formats import TOKEN_DTYPE, DatasetMeta, SplitInfo
+from gpt.formats import META_FILE, TOKEN_DTYPE, DatasetMeta, SplitInfo
 from gpt.shards import ShardWriter
 from gpt.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
 
@@ -324,6 +324,20 @@ def _write_splits(opts: PrepareOptions, reader: Reader, encoder: SplitEncoder, t
             index += 1
 
 
+def check_dataset_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an earlier dataset, and that only with --overwrite:
+    --overwrite replaces the whole folder, so a folder of the user's own files must never be it."""
+    if not out.name or out.name == "..":
+        raise GptError(f"--out {out} names no new folder; give a folder name such as data/mydata")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    if not (out / META_FILE).is_file():
+        raise GptError(f"{out} is not a dataset folder (no {META_FILE}); --overwrite only replaces datasets, "
+                       "so give --out a new folder")
+
+
 def prepare(opts: PrepareOptions) -> Path:
     """Run `gpt prepare`: returns the finished dataset folder."""
     if not 0 <= opts.val_fraction < 1:
@@ -338,14 +352,12 @@ def prepare(opts: PrepareOptions) -> Path:
     out = Path(opts.out) if opts.out else default_out_dir(specs, tokenizer_name)
     if specs.count("-") + (opts.val == "-") > 1:
         raise GptError("stdin ('-') can be read only once; name it as one source")
-    if out.exists() and not opts.overwrite:
-        raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    check_dataset_out(out, opts.overwrite)
     # Every source is found before anything is written: a mistake leaves no trace.
     train_sources = [resolve_source(spec, opts.extensions) for spec in specs]
     val_sources = [resolve_source(opts.val, opts.extensions)] if opts.val else []
     with FolderLock(out.parent / f".{out.name}.lock", f"dataset folder {out}"):
-        if out.exists() and not opts.overwrite:  # again: another `gpt prepare` may have just finished
-            raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+        check_dataset_out(out, opts.overwrite)  # again: another `gpt prepare` may have just finished
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; nobody else holds the lock
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -24,7 +24,10 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's message lists some twenty device types
+        raise GptError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptError("device cuda was asked for but CUDA is not available here; use device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

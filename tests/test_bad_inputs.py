@@ -44,6 +44,7 @@ def world(tmp_path_factory) -> Path:
                                                      "train": {**good["train"], "out_dir": str(run)}}))
     (root / "bad.yaml").write_text("model:\n  n_layer: [1,\n")
     (root / "list.yaml").write_text("- model\n- train\n")
+    (root / "section.yaml").write_text("model: 5\n")
     (root / "init_missing.yaml").write_text(yaml.safe_dump(
         {**good, "train": {**good["train"], "init_from": str(root / "nowhere")}}))
     return root
@@ -98,6 +99,11 @@ CASES = [
     ("prepare-folder-no-match", ["prepare", "{w}/md_only", "--out", "{t}/d"], "has no files ending in .txt"),
     ("prepare-glob-no-match", ["prepare", "{w}/*.nothing", "--out", "{t}/d"], "no files match"),
     ("prepare-out-exists", ["prepare", "{w}/good.txt", "--out", "{w}/data"], "already exists; pass --overwrite"),
+    ("prepare-overwrite-user-folder", ["prepare", "{w}/good.txt", "--out", "{w}/md_only", "--overwrite"],
+     "is not a dataset folder (no meta.json)"),
+    ("prepare-overwrite-user-file", ["prepare", "{w}/good.txt", "--out", "{w}/good.txt", "--overwrite"],
+     "is not a dataset folder"),
+    ("prepare-out-current-folder", ["prepare", "{w}/good.txt", "--out", ".", "--overwrite"], "names no new folder"),
     ("prepare-jsonl-not-json", ["prepare", "{w}/not_json.jsonl", "--out", "{t}/d"], "not_json.jsonl:2: not a JSON"),
     ("prepare-jsonl-no-field", ["prepare", "{w}/no_field.jsonl", "--out", "{t}/d"], "no text field 'text'"),
     ("prepare-stdin-twice", ["prepare", "-", "-", "--out", "{t}/d"], "stdin ('-') can be read only once"),
@@ -107,6 +113,9 @@ CASES = [
     ("train-missing-config", ["train", "{w}/nope.yaml"], "config file not found"),
     ("train-bad-yaml", ["train", "{w}/bad.yaml"], "invalid YAML at line"),
     ("train-yaml-not-mapping", ["train", "{w}/list.yaml"], "a config must be a mapping"),
+    ("train-section-not-mapping", ["train", "{w}/section.yaml"], "'model' must be a mapping of keys to values"),
+    ("train-bad-device", ["train", "{w}/good.yaml", "train.device=cuda:abc"], "unknown device 'cuda:abc'"),
+    ("train-huge-seed", ["train", "{w}/good.yaml", "train.seed=99999999999999999999"], "train.seed must be in"),
     ("train-unknown-section", ["train", "{w}/good.yaml", "trian.lr=1"], "did you mean 'train'"),
     ("train-unknown-key", ["train", "{w}/good.yaml", "model.n_layers=2"], "did you mean 'model.n_layer'"),
     ("train-wrong-type", ["train", "{w}/good.yaml", "model.n_layer=four"], "expected an integer"),
@@ -141,6 +150,8 @@ CASES = [
      "give --prompt or --prompt-file, not both"),
     ("sample-missing-prompt-file", ["sample", "{w}/run", "--prompt-file", "{w}/nope.txt"], "cannot read --prompt-file"),
     ("sample-no-cuda", ["sample", "{w}/run", "--device", "cuda"], "CUDA is not available"),
+    ("sample-bad-device", ["sample", "{w}/run", "--device", "foo"], "unknown device 'foo'"),
+    ("sample-huge-seed", ["sample", "{w}/run", "--seed", "99999999999999999999"], "seed must be in [0, 2**64)"),
     ("chat-missing", ["chat", "{w}/nowhere"], "checkpoint not found"),
     ("chat-temperature", ["chat", "{w}/run", "--temperature", "-2"], "temperature must be >= 0"),
     # info
