@@ -4,6 +4,7 @@ import pytest
 
 from gpt.config import PRESETS, apply_overrides, build_config, dump_yaml, load_config, read_yaml, to_dict
 from gpt.errors import GptError
+from gpt.objectives import shape_differences
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -21,6 +22,16 @@ def test_every_shipped_config_loads_with_the_values_it_sets(path):
 def test_required_configs_are_shipped():
     names = {p.name for p in CONFIGS}
     assert {"shakespeare_char.yaml", "shakespeare_gpt2bpe.yaml", "gpt2_124m.yaml", "gpt1.yaml"} <= names
+
+
+def test_a_shipped_fine_tune_config_has_the_shape_of_the_shipped_run_it_starts_from():
+    configs = {path.name: load_config(path) for path in CONFIGS}
+    runs = {c.train.out_dir: name for name, c in configs.items()}
+    pairs = [(name, runs[c.train.init_from]) for name, c in configs.items() if c.train.init_from in runs]
+    assert ("finetune_speaker.yaml", "shakespeare_char.yaml") in pairs
+    for fine_tune, base in pairs:
+        differ = [n for n in shape_differences(configs[fine_tune].model, configs[base].model) if n != "vocab_size"]
+        assert not differ, f"{fine_tune} starts from {base}'s run but its model differs in {differ}"
 
 
 def test_overrides_convert_types():
