@@ -129,10 +129,11 @@ def filter_stages(logits: torch.Tensor, temperature: float, top_k: int | None, t
 @torch.no_grad()
 def next_token_logits(model: GPT, tokenizer: Tokenizer, prompt: str) -> tuple[torch.Tensor, int]:
     """Logits (vocab,) for the token after `prompt` (cropped to the context, as the sampler does)
-    and the number of prompt tokens the model saw."""
+    and the number of prompt tokens the model saw. Only the tokenizer's tokens: the special
+    tokens of a task model are never sampled, and have no text to show."""
     ids = prompt_ids(tokenizer, prompt)[-model.config.block_size:]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
-    return model.forward_step(idx, None)[0].float().cpu(), len(ids)
+    return model.forward_step(idx, None)[0, :tokenizer.vocab_size].float().cpu(), len(ids)
 
 
 def format_next(stages: dict[str, torch.Tensor], tokenizer: Tokenizer, top: int) -> str:
@@ -350,14 +351,15 @@ def plot_embedding(coords: torch.Tensor, explained: list[float], labels: list[st
     save_png(fig, path, DPI)
 
 
-def token_embedding(model: GPT) -> torch.Tensor:
-    """The token embedding table wte (vocab, n_embd), on the CPU."""
-    return model.wte.weight.detach().float().cpu()
+def token_embedding(model: GPT, tokenizer: Tokenizer) -> torch.Tensor:
+    """The token embedding table wte (vocab, n_embd), on the CPU: the tokenizer's rows only (a
+    task model's special tokens have rows too, but no text)."""
+    return model.wte.weight[:tokenizer.vocab_size].detach().float().cpu()
 
 
 def describe_nearest(model: GPT, tokenizer: Tokenizer, word: str, count: int) -> str:
     token_id = single_token(tokenizer, word)
-    embedding = token_embedding(model)
+    embedding = token_embedding(model, tokenizer)
     neighbours = nearest_tokens(embedding, embedding[token_id], count)
     return (f"nearest to {token_literal(token_piece(tokenizer, token_id))} (id {token_id}) by cosine similarity "
             f"in the token embedding:\n{format_neighbours(tokenizer, neighbours)}")
@@ -365,7 +367,7 @@ def describe_nearest(model: GPT, tokenizer: Tokenizer, word: str, count: int) ->
 
 def describe_analogy(model: GPT, tokenizer: Tokenizer, expression: str, count: int) -> str:
     terms = [(sign, single_token(tokenizer, term)) for sign, term in parse_analogy(expression)]
-    embedding = token_embedding(model)
+    embedding = token_embedding(model, tokenizer)
     exclude = tuple(token_id for _, token_id in terms)
     neighbours = nearest_tokens(embedding, analogy_vector(embedding, terms), count, exclude)
     return (f"nearest to {expression} (a sum of unit vectors; its own terms left out):\n"
@@ -376,7 +378,7 @@ def draw_embedding(model: GPT, tokenizer: Tokenizer, data_dir: str | None, count
                    title: str) -> str:
     """Draw the 2-D PCA of the most frequent tokens' embeddings into `path`; return what was drawn."""
     ids, which = frequent_tokens(tokenizer, data_dir, count)
-    coords, explained = pca_2d(token_embedding(model)[ids])
+    coords, explained = pca_2d(token_embedding(model, tokenizer)[ids])
     labels = [token_label(token_piece(tokenizer, i)) for i in ids]
     plot_embedding(coords, explained, labels, f"{title}, {which}", path)
     return (f"wrote {path}: {which}; the two axes explain {explained[0]:.0%} and {explained[1]:.0%} "

@@ -17,14 +17,18 @@ from gpt.inspection import (
     attention_maps,
     attention_weights,
     filter_stages,
+    format_next,
     frequent_tokens,
     nearest_tokens,
+    next_token_logits,
     parse_analogy,
     pca_2d,
+    token_embedding,
 )
 from gpt.model import GPT
 from gpt.sample import pick_tokens, sampling_probs
 from gpt.shards import load_dataset
+from gpt.tasks import NUM_SPECIAL
 from gpt.tokenizer import make_tokenizer
 from gpt.train import train
 
@@ -140,6 +144,19 @@ def test_next_prints_the_models_probabilities_and_marks_filtered_tokens(cli, run
     assert [int(row[5:11]) for row in rows] == top.tolist()
     assert [float(row[29:40]) for row in rows] == pytest.approx(probs[top].tolist(), abs=6e-5)
     assert "the sampler draws from 2 of" in lines[-1]
+
+
+def test_a_task_models_special_tokens_are_left_out_of_next_and_embed(run):
+    tokenizer = read_checkpoint(run).tokenizer
+    text_vocab = tokenizer.vocab_size
+    model = tiny(vocab_size=text_vocab + NUM_SPECIAL)  # a task model: three special tokens after the text
+    with torch.no_grad():
+        model.wte.weight[text_vocab:] = 10 * model.wte.weight[:text_vocab].std()  # most likely next, by far
+    logits, _ = next_token_logits(model, tokenizer, "ROMEO:")
+    assert logits.shape == (text_vocab,)
+    table = format_next(filter_stages(logits, 1.0, None, 1.0), tokenizer, top=text_vocab + NUM_SPECIAL)
+    assert table.endswith(f"the sampler draws from {text_vocab} of {text_vocab} tokens (model)")
+    assert token_embedding(model, tokenizer).shape == (text_vocab, model.config.n_embd)
 
 
 # ----------------------------------------------------------------------------- attention
