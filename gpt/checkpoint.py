@@ -22,8 +22,10 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -268,8 +270,17 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or hostile file can fail anywhere in torch's unpickler
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GptError(f"{path} was refused: not a safe checkpoint file ({reason[:160]})") from None
+        raise GptError(f"{path} was refused: not a safe checkpoint file ({_load_failure(path, exc)})") from None
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words: torch's own message runs to paragraphs."""
+    blocked = re.search(r"GLOBAL (\S+)", str(exc))
+    if blocked:
+        return f"it names {blocked.group(1)}, which loading would import and could run"
+    if not zipfile.is_zipfile(path):
+        return "not written by torch.save, or damaged"
+    return "damaged: torch cannot read it"
 
 
 # ----------------------------------------------------------------------------- sharded optimizer state (FSDP)

@@ -237,8 +237,8 @@ def read_nanogpt(ckpt_path: str | Path, meta_path: str | Path | None = None) -> 
         tokenizer = CharTokenizer("".join(chars))
         # Our char ids follow the sorted vocabulary; take each character's row from nanoGPT's id.
         rows = [chars.index(ch) for ch in tokenizer.vocab]
-        if len(rows) > config.vocab_size:
-            raise GptError(f"{meta_path} has {len(rows)} characters but the model only {config.vocab_size} ids; "
+        if len(rows) != config.vocab_size:  # nanoGPT sizes a character model's vocabulary by its meta.pkl
+            raise GptError(f"{meta_path} has {len(rows)} characters but the model {config.vocab_size} ids; "
                            "give the meta.pkl of the same run")
     elif config.vocab_size >= GPT2_VOCAB:
         tokenizer = TokenizerSpec("gpt2").build()
@@ -270,11 +270,15 @@ def _keep_vocab_rows(weights: dict[str, torch.Tensor], config: ModelConfig,
 PLAIN_ONLY = "a meta.pkl may hold only dicts, lists, strings and ints"
 
 
+class _NamesCode(pickle.UnpicklingError):
+    """A pickle that names a class or function (which unpickling would import and may run)."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Builds dicts, lists, strings and numbers only: any class or function is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"it names {module}.{name}")
+        raise _NamesCode(f"it names {module}.{name}")
 
 
 def read_plain_pickle(path: Path) -> Any:
@@ -283,9 +287,10 @@ def read_plain_pickle(path: Path) -> Any:
         raise GptError(f"{path} not found; give the meta.pkl next to the run's data")
     try:
         value = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-    except Exception as exc:  # a malformed pickle can fail in many ways; all mean "refuse it"
-        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:160]
-        raise GptError(f"{path} was refused: {reason}; {PLAIN_ONLY}") from None
+    except _NamesCode as exc:
+        raise GptError(f"{path} was refused: {exc}; {PLAIN_ONLY}") from None
+    except Exception:  # a malformed pickle fails in many ways, with messages about its bytes
+        raise GptError(f"{path} is not a pickle file, or a damaged one; give the meta.pkl of the run") from None
     stack = [value]
     while stack:
         item = stack.pop()

@@ -356,12 +356,30 @@ def test_meta_pickle_with_anything_but_plain_data_is_refused(cli, tmp_path, cont
 
 @pytest.mark.parametrize("payload, message", [
     ({"weights": {}}, "is not a nanoGPT checkpoint"),
-    ({"model": {}, "model_args": {}, "callback": RunsAShell()}, "was refused: not a safe checkpoint file"),
+    ({"model": {}, "model_args": {}, "callback": RunsAShell()}, "was refused: not a safe checkpoint file (it names posix.system"),
 ])
 def test_bad_nanogpt_checkpoints_are_one_line(cli, tmp_path, payload, message):
     torch.save(payload, tmp_path / "ckpt.pt")
     assert_one_line_error(cli("convert", "from-nanogpt", tmp_path / "ckpt.pt", tmp_path / "out"), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_nanogpt_meta_of_another_run_or_not_a_pickle_is_one_line(cli, tmp_path):
+    torch.save(nanogpt_checkpoint(random_gpt2(vocab_size=8), True, 8, False), tmp_path / "ckpt.pt")
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate("abcde"))}))
+    result = cli("convert", "from-nanogpt", tmp_path / "ckpt.pt", tmp_path / "out", "--meta", tmp_path / "meta.pkl")
+    assert_one_line_error(result, "has 5 characters but the model 8 ids; give the meta.pkl of the same run")
+    (tmp_path / "meta.pkl").write_text("garbage\n")
+    result = cli("convert", "from-nanogpt", tmp_path / "ckpt.pt", tmp_path / "out", "--meta", tmp_path / "meta.pkl")
+    assert_one_line_error(result, "is not a pickle file, or a damaged one")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_text_file_given_as_nanogpt_checkpoint_is_refused_in_a_few_words(cli, tmp_path):
+    (tmp_path / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    result = cli("convert", "from-nanogpt", tmp_path / "input.txt", tmp_path / "out")
+    assert_one_line_error(result, "was refused: not a safe checkpoint file (not written by torch.save, or damaged)")
+    assert "PyTorch" not in result[2]
 
 
 def test_nanogpt_char_model_without_meta_asks_for_it(cli, tmp_path):
