@@ -409,6 +409,16 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> i
         distributed.teardown(dist)
 
 
+def nothing_to_train(tc: TrainConfig, state: TrainState) -> str:
+    """What to change when a resumed run is already at its last step (it then stops at once)."""
+    if tc.max_minutes and state.budget_iters is not None:
+        return (f"nothing to train: the run is at iteration {state.iter}, the number of steps its time budget "
+                f"(train.max_minutes={tc.max_minutes:g}) chose; add train.max_minutes=null and a higher "
+                "train.max_iters to train on")
+    return (f"nothing to train: the run is already at iteration {state.iter} (train.max_iters={tc.max_iters}); "
+            "pass a higher train.max_iters to train on")
+
+
 def _loop(tr: Trainer, resumed: bool) -> int:
     tc, main, state = tr.config.train, tr.dist.is_main, tr.state
     metrics = MetricsLog(tr.run, state.iter if resumed else None, tc.tensorboard) if main else None
@@ -418,6 +428,8 @@ def _loop(tr: Trainer, resumed: bool) -> int:
         rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
+        if resumed and state.iter >= tc.max_iters:
+            print(nothing_to_train(tc, state))
         if tr.parallel != "none":
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "

@@ -109,6 +109,18 @@ def test_max_iters_reached_first_ends_a_budgeted_run(char_data, tmp_path, monkey
     assert read_checkpoint(tmp_path / "run").state["iter"] == 15
 
 
+def test_a_budgeted_run_resumed_past_its_budget_says_how_to_train_on(char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget, "clock", FakeClock())
+    config = budget_config(char_data, tmp_path / "run")
+    assert train(config) == 0
+    assert train(with_changes(config, "train.max_iters=30"), resume=True) == 0
+    assert ("nothing to train: the run is at iteration 20, the number of steps its time budget "
+            "(train.max_minutes=0.25) chose; add train.max_minutes=null and a higher train.max_iters to train on"
+            ) in capsys.readouterr().out.splitlines()
+    assert train(with_changes(config, "train.max_iters=22", "train.max_minutes=null"), resume=True) == 0
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 22
+
+
 @pytest.mark.slow
 def test_budgeted_run_resumes_bitwise_without_measuring_again(char_data, tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "clock", FakeClock())

@@ -356,7 +356,8 @@ def test_meta_pickle_with_anything_but_plain_data_is_refused(cli, tmp_path, cont
 
 @pytest.mark.parametrize("payload, message", [
     ({"weights": {}}, "is not a nanoGPT checkpoint"),
-    ({"model": {}, "model_args": {}, "callback": RunsAShell()}, "was refused: not a safe checkpoint file (it names posix.system"),
+    ({"model": {}, "model_args": {}, "callback": RunsAShell()},
+     "was refused: not a safe checkpoint file (it names posix.system"),
 ])
 def test_bad_nanogpt_checkpoints_are_one_line(cli, tmp_path, payload, message):
     torch.save(payload, tmp_path / "ckpt.pt")

@@ -159,6 +159,16 @@ def test_resume_from_run_folder_via_cli(char_data, tmp_path, cli):
     assert read_checkpoint(tmp_path / "run").state["iter"] == 12
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(char_data, tmp_path, cli):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=10))
+    for extra in ([], ["train.max_iters=5"]):
+        code, out, err = cli("train", "--resume", tmp_path / "run", *extra)
+        assert code == 0, err
+        assert f"nothing to train: the run is already at iteration 10 (train.max_iters={extra and 5 or 10}); " \
+               "pass a higher train.max_iters to train on" in out.splitlines()
+    assert read_checkpoint(tmp_path / "run").state["iter"] == 10
+
+
 def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
     config = tiny_config(char_data, tmp_path / "run", max_iters=5)
     train(config)
