@@ -111,7 +111,11 @@ def _train_config(args: List[str], resume: bool) -> Config:
         if not resume:
             raise GptError(f"{path} is a folder; to continue that run use gpt train --resume {path}")
         from gpt.checkpoint import read_checkpoint
+        from gpt.formats import RunFolder
 
+        if not RunFolder(path).holds_run() and RunFolder(path.parent).holds_run():
+            raise GptError(f"{path} is one checkpoint of the run in {path.parent}; --resume takes the run folder: "
+                           f"gpt train --resume {path.parent} (it goes on from the newest complete checkpoint)")
         saved = read_checkpoint(path).config
         raw = apply_overrides(to_dict(saved), [f"train.out_dir={path}", *overrides])
         return build_config(raw)

@@ -135,6 +135,7 @@ CASES = [
     ("train-nothing-to-resume", ["train", "{w}/good.yaml", "--resume"], "nothing to resume"),
     ("train-resume-other-shape", ["train", "{w}/shape.yaml", "--resume"], "model.n_layer differ"),
     ("train-run-exists", ["train", "{w}/good.yaml", "train.out_dir={w}/run"], "already holds a run"),
+    ("train-resume-a-checkpoint", ["train", "--resume", "{w}/run/ckpt_000002"], "--resume takes the run folder"),
     ("train-malicious-pickle", ["train", "--resume", "@pickle"], "refused: not a safe checkpoint file"),
     ("train-init-from-missing", ["train", "{w}/init_missing.yaml"], "checkpoint not found"),
     # sample and chat
