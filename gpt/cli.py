@@ -135,11 +135,18 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
     if prompt_file == "-" or prompt == "-":
         return sys.stdin.read()
     if prompt_file is not None:
-        try:
-            return Path(prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise GptError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
+        return _read_text_option(prompt_file, "--prompt-file")
     return prompt or ""
+
+
+def _read_text_option(path: str, option: str) -> str:
+    """The UTF-8 text of the file an option names."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GptError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise GptError(f"{option} {path} is not UTF-8 text; save it as UTF-8") from None
 
 
 @app.command()
@@ -172,7 +179,7 @@ def sample(
                                 top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
                                 stop=list(stop) if stop else None, ignore_eot=ignore_eot,
                                 kv_cache=False if no_cache else None)
-    examples = _read_prompt(None, few_shot) if few_shot else None
+    examples = _read_text_option(few_shot, "--few-shot") if few_shot else None
     if interactive:
         _chat(model, tokenizer, settings, system, examples)
         return
@@ -590,7 +597,8 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":
             print(exc.format_message())
             sys.exit(0)
-        print(f"error: {exc.format_message()} (see gpt --help)", file=sys.stderr)
+        command = getattr(getattr(exc, "ctx", None), "command_path", None) or "gpt"
+        print(f"error: {exc.format_message()} (see {command} --help)", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

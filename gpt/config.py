@@ -232,8 +232,10 @@ class TaskConfig:
         _require(self.kind != "choice" or self.labels is None,
                  "task.labels is not used by task.kind=choice (the label is the index of the right choice); "
                  "remove it")
-        _require(self.labels is None or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
-                 f"task.labels must name at least two different labels, got {self.labels}")
+        _require(self.labels is None or len(self.labels) >= 2,
+                 f"task.labels must name at least two labels, got {self.labels}")
+        repeated = [label for i, label in enumerate(self.labels or []) if label in self.labels[:i]]
+        _require(not repeated, f"task.labels names {repeated[0]!r} twice; list each label once" if repeated else "")
         _require(self.lm_weight >= 0, f"task.lm_weight must be >= 0, got {self.lm_weight}")
         _require(0.0 <= self.head_dropout < 1.0, f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
 

@@ -208,11 +208,16 @@ class Reader:
                 try:
                     record = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise GptError(f"{path}:{number}: not a JSON object; fix the line or remove it") from None
-                text = record.get(self.jsonl_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
+                    record = None
+                if not isinstance(record, dict):
+                    raise GptError(f"{path}:{number}: not a JSON object; fix the line or remove it")
+                if self.jsonl_field not in record:
                     raise GptError(f"{path}:{number}: no text field {self.jsonl_field!r}; "
                                    "name the field with --jsonl-field")
+                text = record[self.jsonl_field]
+                if not isinstance(text, str):
+                    raise GptError(f"{path}:{number}: field {self.jsonl_field!r} holds a {type(text).__name__}, "
+                                   "not a string; fix the line or remove it")
                 yield iter([text])
 
     def _pieces(self, handle, start: int, end: int | None, hasher, label: str) -> Iterator[str]:

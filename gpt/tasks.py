@@ -419,13 +419,24 @@ ITEM_OPTIONS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "sim
 def item_from_options(kind: str, options: dict[str, Any]) -> TaskItem:
     """The item given as `gpt classify` options, which must be the ones a `kind` model reads."""
     wanted = ITEM_OPTIONS[kind]
-    if {name for name, value in options.items() if value} != set(wanted):
-        flags = " and ".join("--" + name.replace("_", "-") for name in wanted)
-        raise GptError(f"this model was fine-tuned for {kind}: give {flags}{' (twice or more)' * (kind == 'choice')}"
-                       ", or --file")
+    given = {name for name, value in options.items() if value}
+    flags = " and ".join(_flag(name) for name in wanted) + " (twice or more)" * (kind == "choice")
+    empty = [name for name in wanted if options[name] == ""]
+    if empty:
+        raise GptError(f"{_flag(empty[0])} is empty; give it some text")
+    unread = sorted(given - set(wanted))
+    if unread:
+        raise GptError(f"this model was fine-tuned for {kind} and does not read {_flag(unread[0])}: give {flags}, "
+                       "or --file")
+    if given != set(wanted):
+        raise GptError(f"this model was fine-tuned for {kind}: give {flags}, or --file")
     record = {"context": options["context"], "choices": list(options["choice"])} if kind == "choice" \
         else {name: options[name] for name in wanted}
     return item_from_record(record, kind, "the command line")
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 @dataclass

@@ -29,6 +29,8 @@ def world(tmp_path_factory) -> Path:
     (root / "md_only" / "notes.md").write_text("# notes\n")
     (root / "not_json.jsonl").write_text('{"text": "ok"}\nnot json\n')
     (root / "no_field.jsonl").write_text('{"body": "text"}\n')
+    (root / "list.jsonl").write_text('[1, 2]\n')
+    (root / "number.jsonl").write_text('{"text": 5}\n')
     (root / "task_bad_label.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
     (root / "llama").mkdir()
     (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
@@ -106,8 +108,11 @@ CASES = [
     ("prepare-out-current-folder", ["prepare", "{w}/good.txt", "--out", ".", "--overwrite"], "names no new folder"),
     ("prepare-jsonl-not-json", ["prepare", "{w}/not_json.jsonl", "--out", "{t}/d"], "not_json.jsonl:2: not a JSON"),
     ("prepare-jsonl-no-field", ["prepare", "{w}/no_field.jsonl", "--out", "{t}/d"], "no text field 'text'"),
+    ("prepare-jsonl-not-object", ["prepare", "{w}/list.jsonl", "--out", "{t}/d"], "list.jsonl:1: not a JSON object"),
+    ("prepare-jsonl-text-not-string", ["prepare", "{w}/number.jsonl", "--out", "{t}/d"],
+     "number.jsonl:1: field 'text' holds a int, not a string"),
     ("prepare-stdin-twice", ["prepare", "-", "-", "--out", "{t}/d"], "stdin ('-') can be read only once"),
-    ("prepare-bad-option", ["prepare", "--bogus"], "No such option"),
+    ("prepare-bad-option", ["prepare", "--bogus"], "gpt prepare --help)"),
     # train
     ("train-no-config", ["train"], "give a config file"),
     ("train-missing-config", ["train", "{w}/nope.yaml"], "config file not found"),
@@ -149,6 +154,9 @@ CASES = [
     ("sample-char-outside-vocab", ["sample", "{w}/run", "--prompt", "Zebra€"], "is not in this model's char"),
     ("sample-two-prompts", ["sample", "{w}/run", "--prompt", "a", "--prompt-file", "{w}/good.txt"],
      "give --prompt or --prompt-file, not both"),
+    ("sample-missing-few-shot", ["sample", "{w}/run", "--few-shot", "{w}/nope.txt"], "cannot read --few-shot"),
+    ("sample-few-shot-not-utf8", ["sample", "{w}/run", "--few-shot", "{w}/bad_utf8.txt"],
+     "bad_utf8.txt is not UTF-8 text; save it as UTF-8"),
     ("sample-missing-prompt-file", ["sample", "{w}/run", "--prompt-file", "{w}/nope.txt"], "cannot read --prompt-file"),
     ("sample-no-cuda", ["sample", "{w}/run", "--device", "cuda"], "CUDA is not available"),
     ("sample-bad-device", ["sample", "{w}/run", "--device", "foo"], "unknown device 'foo'"),

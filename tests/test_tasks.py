@@ -191,7 +191,8 @@ def test_a_choice_label_must_index_a_choice():
 @pytest.mark.parametrize("task, message", [
     ({"kind": "classify"}, "task.train is not set"),
     ({"kind": "choice", "train": "t.jsonl", "labels": ["a", "b"]}, "task.labels is not used"),
-    ({"kind": "classify", "train": "t.jsonl", "labels": ["a", "a"]}, "two different labels"),
+    ({"kind": "classify", "train": "t.jsonl", "labels": ["a", "b", "a"]}, "task.labels names 'a' twice"),
+    ({"kind": "classify", "train": "t.jsonl", "labels": ["a"]}, "at least two labels"),
     ({"kind": "regress", "train": "t.jsonl"}, "expected classify | entail | similar | choice or null"),
     ({"kind": "classify", "train": "t.jsonl", "lm_weight": -1}, "task.lm_weight must be >= 0"),
 ])
@@ -319,7 +320,13 @@ def test_classify_prints_label_probabilities_and_a_confusion_matrix(task_run, cl
     summary = json.loads(out)
     assert summary["labels"] == ["a", "b", "c"] and sum(map(sum, summary["confusion"])) == 100
     code, _, err = cli("classify", run, "--premise", "a", "--hypothesis", "b")
-    assert code == 2 and "fine-tuned for classify: give --text" in err
+    assert code == 2 and "fine-tuned for classify and does not read --hypothesis: give --text, or --file" in err
+    code, _, err = cli("classify", run, "--text", "aaa", "--premise", "b")
+    assert code == 2 and "does not read --premise" in err
+    code, _, err = cli("classify", run, "--text", "")
+    assert code == 2 and err.strip() == "error: --text is empty; give it some text"
+    code, _, err = cli("classify", run)
+    assert code == 2 and "fine-tuned for classify: give --text, or --file" in err
 
 
 @pytest.mark.slow
