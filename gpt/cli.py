@@ -168,7 +168,8 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
     interactive: bool = typer.Option(False, help="Chat: frame turns as System/User/Assistant text (= gpt chat)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    no_cache: bool = typer.Option(False, help="Recompute the whole context each step (slow; for checks)."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Recompute the whole context each step (slow; for checks)."),
 ) -> None:
     """Generate text from a trained checkpoint (settings default to the run's sample section)."""
     from gpt.sample import few_shot_prompt, ready_for_decoding

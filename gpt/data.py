@@ -347,6 +347,8 @@ def prepare(opts: PrepareOptions) -> Path:
     """Run `gpt prepare`: returns the finished dataset folder."""
     if not 0 <= opts.val_fraction < 1:
         raise GptError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.workers < 1:
+        raise GptError(f"--workers must be at least 1, got {opts.workers}")
     if opts.shard_size < 1:
         raise GptError(f"--shard-size must be at least 1 token, got {opts.shard_size}")
     if opts.errors not in ("strict", "replace"):
@@ -398,7 +400,7 @@ def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources
     writers = {split: ShardWriter(work, prefix, split, opts.shard_size) for split in ("train", "val")}
     with _make_progress(_total_bytes(all_sources)) as progress:
         reader = Reader(errors, opts.jsonl_field, progress)
-        encoder = SplitEncoder(tokenizer, max(1, opts.workers), progress)
+        encoder = SplitEncoder(tokenizer, opts.workers, progress)
         _write_splits(opts, reader, encoder, train_sources, val_sources, writers)
         encoder.flush()
     splits = {split: SplitInfo(tokens=w.total, shards=w.close(), bytes=encoder.text_bytes[split])

@@ -267,8 +267,8 @@ def single_token(tokenizer: Tokenizer, word: str) -> int:
     ids = tokenizer.encode(word)
     if len(ids) != 1:
         split = " + ".join(token_literal(token_piece(tokenizer, i)) for i in ids)
-        raise GptError(f"{word!r} is {len(ids)} tokens ({split}), not one; give a single token, "
-                       "e.g. one of these (gpt tokenize shows how text splits)")
+        raise GptError(f"{word!r} is {len(ids)} tokens ({split}), not one; give a single token such as "
+                       f"{token_literal(token_piece(tokenizer, ids[0]))} (gpt tokenize shows how text splits)")
     return ids[0]
 
 

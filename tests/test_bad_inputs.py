@@ -92,6 +92,8 @@ CASES = [
     ("prepare-tokenizer", ["prepare", "{w}/good.txt", "--tokenizer", "wordpiece"], "--tokenizer must be"),
     ("prepare-val-fraction", ["prepare", "{w}/good.txt", "--val-fraction", "1.5", "--out", "{t}/d"],
      "--val-fraction must be in [0, 1)"),
+    ("prepare-workers", ["prepare", "{w}/good.txt", "--workers", "0", "--out", "{t}/d"],
+     "--workers must be at least 1"),
     ("prepare-shard-size", ["prepare", "{w}/good.txt", "--shard-size", "0", "--out", "{t}/d"],
      "--shard-size must be at least 1"),
     ("prepare-errors-mode", ["prepare", "{w}/good.txt", "--errors", "ignore", "--out", "{t}/d"],
@@ -188,7 +190,8 @@ CASES = [
     ("next-top-p", ["next", "{w}/run", "To be", "--top-p", "2"], "top_p must be in (0, 1]"),
     ("attention-layer", ["attention", "{w}/run", "To be", "--layer", "9", "-o", "{t}/a.png"], "--layer 9 does not"),
     ("attention-not-png", ["attention", "{w}/run", "To be", "-o", "{t}/a.jpg"], "give a file name ending in .png"),
-    ("embed-several-tokens", ["embed", "{w}/run", "To"], "is 2 tokens"),
+    ("embed-several-tokens", ["embed", "{w}/run", "To"],
+     "is 2 tokens ('T' + 'o'), not one; give a single token such as 'T'"),
     ("embed-analogy-form", ["embed", "{w}/run", "--analogy", "a b c"], "is not of the form 'a - b + c'"),
 ]
 
