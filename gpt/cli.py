@@ -299,6 +299,11 @@ def evaluate(
                          batch_size=batch_size, autocast=autocast)
     tasks = [evaluate_task(model, tokenizer, path, shots=shots, seed=seed, fewshot_path=fewshot_file,
                            batch_size=batch_size, autocast=autocast) for path in task]
+    for t in tasks:
+        if t.cropped:
+            room = f"; the {shots} examples take room: lower --shots" if shots else ""
+            print(f"note: {t.cropped} of {len(t.scores)} items of {t.name} were cropped from the start to fit the "
+                  f"model's context (block_size={model.config.block_size}){room}", file=sys.stderr)
     if details is not None:
         write_details(details, tasks)
     if as_json:

@@ -297,6 +297,7 @@ class TaskResult:
     name: str
     shots: int
     scores: list[ItemScore] = field(default_factory=list)
+    cropped: int = 0  # items whose prompt lost tokens at its start to fit the context
 
     @property
     def acc(self) -> float:
@@ -312,7 +313,7 @@ class TaskResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.name, "items": len(self.scores), "shots": self.shots, "acc": self.acc,
-                "acc_norm": self.acc_norm, "chance": self.chance}
+                "acc_norm": self.acc_norm, "chance": self.chance, "cropped": self.cropped}
 
 
 def _encode(tokenizer: Tokenizer, text: str, where: str) -> list[int]:
@@ -398,12 +399,18 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path
     pool = _read_encodable_task(fewshot_path, tokenizer) if fewshot_path is not None else items
     prompts = [few_shot_prompt(item, few_shot_examples(item, pool, shots, seed, index))
                for index, item in enumerate(items)]
-    requests = [request for item, prompt in zip(items, prompts)
-                for request in choice_requests(item, prompt, tokenizer, model.config.block_size,
-                                               f"{path} line {item.line}")]
+    block_size = model.config.block_size
+    per_item = [choice_requests(item, prompt, tokenizer, block_size, f"{path} line {item.line}")
+                for item, prompt in zip(items, prompts)]
+    requests = [request for item_requests in per_item for request in item_requests]
     logprobs = iter(continuation_logprobs(model, requests, batch_size=batch_size, autocast=autocast,
                                           desc=Path(path).stem))
-    result = TaskResult(name=Path(path).stem, shots=shots)
+    # choice_requests keeps the last block_size + 1 tokens: shorter than prompt + choice means cropped
+    # (an empty prompt is one end-of-text token there).
+    prompt_tokens = [max(1, len(_encode(tokenizer, prompt, ""))) for prompt in prompts]
+    cropped = sum(any(len(ids) < length + n for ids, n in item_requests)
+                  for item_requests, length in zip(per_item, prompt_tokens))
+    result = TaskResult(name=Path(path).stem, shots=shots, cropped=cropped)
     for item, prompt in zip(items, prompts):
         result.scores.append(ItemScore(
             line=item.line, label=item.label, logprobs=[next(logprobs) for _ in item.choices],

@@ -213,6 +213,19 @@ def test_batched_scoring_equals_one_at_a_time_and_long_contexts_are_cropped_from
     assert cropped[0][0] == tokenizer.encode(("abcdefgh" * 4 + " ab")[-17:])
 
 
+def test_a_task_result_counts_the_items_cropped_to_the_context(tmp_path):
+    model = tiny("rope", vocab=30, block_size=16)
+    tokenizer = CharTokenizer("abcdefgh \n")
+    task = write_task(tmp_path / "t.jsonl", [{"context": "abcdefgh" * 4, "choices": ["ab", "hg"], "label": 0},
+                                             {"context": "abc", "choices": ["ab", "hg"], "label": 1},
+                                             {"context": "abcdefghab", "choices": ["abcdefg", "h"], "label": 1},
+                                             {"context": "abcdefgh", "choices": ["abcdefgh", "h"], "label": 0}])
+    result = evaluate_task(model, tokenizer, task)
+    # 32 + 3 tokens and 10 + 8 (the choice " abcdefg") do not fit 16 + 1; 3 + 3 and 8 + 9 do.
+    assert result.cropped == 2 and result.to_json()["cropped"] == 2
+    assert evaluate_task(tiny("rope", vocab=30, block_size=64), tokenizer, task).cropped == 0
+
+
 @pytest.mark.parametrize("context, choice, scored", [("Q: is it?", "yes", " yes"), ("a line\n", "next", "next"),
                                                      ("", "first", "first"), ("say", " hi", " hi")])
 def test_choice_joins_its_context_by_one_space_unless_whitespace_is_there(context, choice, scored):
