@@ -174,6 +174,13 @@ def sample(
     """Generate text from a trained checkpoint (settings default to the run's sample section)."""
     from gpt.sample import few_shot_prompt, ready_for_decoding
 
+    if interactive:
+        given = {"--prompt": prompt is not None, "--prompt-file": prompt_file is not None,
+                 "--num-samples": num_samples not in (None, 1), "--json": as_json}
+        ignored = [flag for flag, is_given in given.items() if is_given]
+        if ignored:
+            raise GptError(f"--interactive reads each turn from the terminal (or stdin) and replies once; "
+                           f"drop {ignored[0]}")
     model, tokenizer, ckpt = _load_for_sampling(checkpoint, device)
     model = ready_for_decoding(model)
     settings = _sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -244,16 +251,24 @@ def _chat(model, tokenizer, settings: SampleConfig, system: Optional[str], examp
     tty = sys.stdin.isatty()
     if tty:
         print("Chatting with a base model through a plain-text transcript. Ctrl-D to quit.", file=sys.stderr)
-    for reply in chat(model, tokenizer, settings, _user_turns(tty), system, examples):
+    for reply in chat(model, tokenizer, settings, _user_turns(tty, tokenizer), system, examples):
         print(f"Assistant: {reply}", flush=True)
 
 
-def _user_turns(tty: bool) -> Iterator[str]:
+def _user_turns(tty: bool, tokenizer) -> Iterator[str]:
+    """The user's turns; one the model cannot read is answered with an error line and skipped,
+    so that the conversation goes on."""
     while True:
         try:
-            yield input("User: " if tty else "")
+            turn = input("User: " if tty else "")
         except EOFError:
             return
+        try:
+            tokenizer.encode(turn)
+        except GptError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
+        yield turn
 
 
 @app.command(name="eval")

@@ -163,6 +163,8 @@ CASES = [
     ("sample-no-cuda", ["sample", "{w}/run", "--device", "cuda"], "CUDA is not available"),
     ("sample-bad-device", ["sample", "{w}/run", "--device", "foo"], "unknown device 'foo'"),
     ("sample-huge-seed", ["sample", "{w}/run", "--seed", "99999999999999999999"], "seed must be in [0, 2**64)"),
+    ("sample-interactive-prompt", ["sample", "{w}/run", "--interactive", "--prompt", "To"],
+     "--interactive reads each turn from the terminal (or stdin) and replies once; drop --prompt"),
     ("chat-missing", ["chat", "{w}/nowhere"], "checkpoint not found"),
     ("chat-temperature", ["chat", "{w}/run", "--temperature", "-2"], "temperature must be >= 0"),
     # info

@@ -224,6 +224,17 @@ def test_chat_reads_turns_from_stdin(trained, cli, monkeypatch):
     assert code == 0 and again == out, err
 
 
+def test_a_chat_turn_the_model_cannot_read_is_refused_and_the_chat_goes_on(trained, cli, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello \u20ac\nHow art thou?\n"))
+    code, out, err = cli("chat", trained, "--max-new-tokens", "4", "--seed", "0")
+    assert code == 0, err
+    assert len([line for line in out.splitlines() if line.startswith("Assistant:")]) == 1
+    assert err.startswith("error: character '\u20ac' (U+20AC) is not in this model's char vocabulary")
+
+
 def test_info_describes_a_run(trained, cli):
     code, out, err = cli("info", trained)
     assert code == 0, err
