@@ -329,6 +329,19 @@ def _write_splits(opts: PrepareOptions, reader: Reader, encoder: SplitEncoder, t
             index += 1
 
 
+def _note_val_share(splits: dict[str, SplitInfo], fraction: float) -> None:
+    """Say so when the val split is far from --val-fraction: whole documents go to val (two
+    files give it half), and a single text is cut only at a line break."""
+    val = splits["val"].tokens if "val" in splits else 0
+    share = val / (val + splits["train"].tokens)
+    if val == 0:
+        print(f"note: no val split: the text has no line break in its last {fraction:.0%}; gpt train will "
+              "evaluate on the train split only (give --val FILE for a val split)", file=sys.stderr)
+    elif share > 2 * fraction:
+        print(f"note: the val split holds {share:.0%} of the tokens, not {fraction:.0%}: it takes whole documents, "
+              "and there are few; give --val FILE, or more documents", file=sys.stderr)
+
+
 def check_dataset_out(out: Path, overwrite: bool) -> None:
     """Refuse to write over anything but an earlier dataset, and that only with --overwrite:
     --overwrite replaces the whole folder, so a folder of the user's own files must never be it."""
@@ -412,6 +425,8 @@ def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources
     if not encoder.content["val"]:
         for shard in splits.pop("val").shards:
             (work / shard.file).unlink()
+    if not val_sources and opts.val_fraction > 0:
+        _note_val_share(splits, opts.val_fraction)
     sources = [{"spec": s.spec, "files": len(s.files), "sha256": s.sha256,
                 "bytes": sum(p.stat().st_size for p in s.files)} for s in all_sources]
     (work / "stdin.txt").unlink(missing_ok=True)

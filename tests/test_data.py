@@ -157,6 +157,18 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert "w" in load_dataset(folder).tokenizer.vocab
 
 
+def test_a_val_split_far_from_the_fraction_is_noted(tmp_path, capsys):
+    (tmp_path / "one_line.txt").write_text("no line break anywhere in this text")
+    run(tmp_path, [tmp_path / "one_line.txt"], tokenizer="byte")
+    assert "note: no val split: the text has no line break in its last 10%" in capsys.readouterr().err
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some lines of text\n" * 50)
+    run(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer="byte", out=str(tmp_path / "two"))
+    assert "note: the val split holds 50% of the tokens, not 10%" in capsys.readouterr().err
+    run(tmp_path, [tmp_path / "a.txt"], tokenizer="byte", out=str(tmp_path / "one"))
+    assert "note:" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def dataset_copy(tmp_path):
     corpus = tmp_path / "a.txt"
