@@ -192,6 +192,11 @@ def find_checkpoint(path: str | Path) -> Path:
     return complete[-1]
 
 
+# A run folder resolves to its newest complete checkpoint, so moving a damaged one aside is how
+# --resume (which takes the run folder) goes on from the one before.
+ANOTHER_CHECKPOINT = "give another ckpt_* folder, or move this one out of the run to go on from the one before"
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Config, tokenizer and state of a checkpoint (weights are loaded by `load_model`)."""
     folder = find_checkpoint(path)
@@ -201,10 +206,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER))
         state = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:
-        raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); use another checkpoint") from None
+        raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); {ANOTHER_CHECKPOINT}") from None
     if not isinstance(state, dict) or config.model.vocab_size is None:
         raise GptError(f"checkpoint {folder} is corrupt (no vocab_size in {RunFolder.CONFIG} or {RunFolder.STATE} "
-                       "is not an object); use another checkpoint")
+                       f"is not an object); {ANOTHER_CHECKPOINT}")
     return Checkpoint(path=folder, config=config, tokenizer_spec=tokenizer, state=state)
 
 

@@ -169,6 +169,17 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(char_data, tmp_p
     assert read_checkpoint(tmp_path / "run").state["iter"] == 10
 
 
+def test_a_damaged_latest_checkpoint_can_be_moved_aside_to_resume_from_the_one_before(char_data, tmp_path, cli):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=4, eval_interval=2, ckpt_interval=2))
+    (tmp_path / "run" / "ckpt_000004" / "state.json").write_text("{damaged")
+    code, _, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=6")
+    assert code == 2 and "move this one out of the run to go on from the one before" in err
+    (tmp_path / "run" / "ckpt_000004").rename(tmp_path / "damaged")
+    code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=6")
+    assert code == 0, err
+    assert "starting at iter 2" in out and read_checkpoint(tmp_path / "run").state["iter"] == 6
+
+
 def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
     config = tiny_config(char_data, tmp_path / "run", max_iters=5)
     train(config)
