@@ -573,7 +573,7 @@ def embed(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ) -> None:
     """Nearest tokens by cosine similarity in the token embedding, analogies, or a PCA picture."""
-    from gpt.inspection import check_png_path, describe_analogy, describe_nearest, draw_embedding
+    from gpt.inspection import check_png_path, describe_analogy, describe_nearest, draw_embedding, training_data
 
     if sum((word is not None, analogy is not None, plot)) != 1:
         raise GptError("give one of WORD, --analogy 'a - b + c' and --plot")
@@ -584,6 +584,8 @@ def embed(
     path = check_png_path(out) if plot else None
     model, tokenizer, ckpt = _load_for_inspection(checkpoint, device)
     if plot:
+        if data is not None:  # checked even when every token is drawn and no counting needs it
+            training_data(tokenizer, data)
         print(draw_embedding(model, tokenizer, data or ckpt.config.data.dir, count, path,
                              f"{ckpt.path}: token embedding"))
     elif word is not None:

@@ -312,14 +312,8 @@ def frequent_tokens(tokenizer: Tokenizer, data_dir: str | None, count: int) -> t
     vocab = tokenizer.vocab_size
     if vocab <= count:
         return list(range(vocab)), f"all {vocab} tokens"
-    if data_dir is None or not Path(data_dir).is_dir():
-        raise GptError(f"to find the {count} most frequent tokens embed --plot reads the training data, "
-                       f"but {data_dir} is not there; give --data DATA_DIR (made with the model's tokenizer)")
-    from gpt.shards import load_dataset
-
-    dataset = load_dataset(data_dir)
-    if dataset.tokenizer.spec != tokenizer.spec:
-        raise GptError(f"{data_dir} was made with another tokenizer than the model's; give --data with the right data")
+    dataset = training_data(tokenizer, data_dir, f"to find the {count} most frequent tokens embed --plot reads "
+                            "the training data, but")
     counts, seen = np.zeros(vocab, dtype=np.int64), 0
     for shard in dataset.splits.get("train", []):
         part = np.asarray(shard[:TOKENS_FOR_COUNTS - seen])
@@ -327,6 +321,18 @@ def frequent_tokens(tokenizer: Tokenizer, data_dir: str | None, count: int) -> t
         seen += len(part)
     ids = [i for i in np.argsort(-counts, kind="stable")[:count].tolist() if counts[i] > 0]
     return ids, f"the {len(ids)} most frequent tokens in {seen:,} tokens of {data_dir}"
+
+
+def training_data(tokenizer: Tokenizer, data_dir: str | None, why: str = "--data:"):
+    """The dataset in `data_dir`, which must have been made with `tokenizer`."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        raise GptError(f"{why} {data_dir} is not there; give --data DATA_DIR (made with the model's tokenizer)")
+    from gpt.shards import load_dataset
+
+    dataset = load_dataset(data_dir)
+    if dataset.tokenizer.spec != tokenizer.spec:
+        raise GptError(f"{data_dir} was made with another tokenizer than the model's; give --data with the right data")
+    return dataset
 
 
 def pca_2d(vectors: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

@@ -194,6 +194,8 @@ CASES = [
     ("attention-not-png", ["attention", "{w}/run", "To be", "-o", "{t}/a.jpg"], "give a file name ending in .png"),
     ("embed-several-tokens", ["embed", "{w}/run", "To"],
      "is 2 tokens ('T' + 'o'), not one; give a single token such as 'T'"),
+    ("embed-plot-missing-data", ["embed", "{w}/run", "--plot", "-o", "{t}/e.png", "--data", "{w}/nowhere"],
+     "nowhere is not there; give --data DATA_DIR"),
     ("embed-analogy-form", ["embed", "{w}/run", "--analogy", "a b c"], "is not of the form 'a - b + c'"),
 ]
 
