@@ -347,7 +347,7 @@ def check_dataset_out(out: Path, overwrite: bool) -> None:
     --overwrite replaces the whole folder, so a folder of the user's own files must never be it."""
     if not out.name or out.name == "..":
         raise GptError(f"--out {out} names no new folder; give a folder name such as data/mydata")
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not overwrite:
         raise GptError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")

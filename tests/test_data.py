@@ -155,6 +155,8 @@ def test_existing_output_needs_overwrite(tmp_path):
     corpus.write_text("other words\n" * 10)
     folder = run(tmp_path, [corpus], tokenizer="char", overwrite=True)
     assert "w" in load_dataset(folder).tokenizer.vocab
+    (tmp_path / "empty").mkdir()  # an empty folder made beforehand is as good as none
+    assert "w" in load_dataset(run(tmp_path, [corpus], tokenizer="char", out=str(tmp_path / "empty"))).tokenizer.vocab
 
 
 def test_a_val_split_far_from_the_fraction_is_noted(tmp_path, capsys):
