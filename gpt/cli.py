@@ -276,7 +276,7 @@ def evaluate(
     checkpoint: str = typer.Argument(..., help="Run folder (its newest checkpoint) or a ckpt_* folder."),
     data: Optional[str] = typer.Option(None, help="Dataset folder (scores --split) or a UTF-8 text file: loss, "
                                        "perplexity and bits per byte over all of it."),
-    split: str = typer.Option("val", help="Split of a dataset folder to score."),
+    split: Optional[str] = typer.Option(None, help="Split of a dataset folder to score (default: val)."),
     stride: Optional[int] = typer.Option(None, help="Tokens each window moves on; each scored token sees at least "
                                          "block_size - stride of context (default: half the context)."),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens."),
@@ -297,6 +297,10 @@ def evaluate(
 
     if data is None and not task:
         raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE and/or --task FILE.jsonl")
+    if split is not None and (data is None or not Path(data).is_dir()):
+        raise GptError(f"--split picks a split of a dataset folder, and --data {data} is none (a text file is "
+                       "scored whole); drop --split")
+    split = split or "val"
     if fewshot_file is not None and len(task) != 1:
         raise GptError("--fewshot-file holds the examples of one task; give exactly one --task with it")
     if details is not None and not task:

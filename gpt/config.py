@@ -188,6 +188,8 @@ class TrainConfig:
         _require(self.device == "auto" or re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None,
                  f"train.device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         _require(0 <= self.seed < SEED_LIMIT, f"train.seed must be in [0, 2**64), got {self.seed}")
+        _require(self.peak_flops is None or self.peak_flops > 0,
+                 f"train.peak_flops must be positive (FLOP/s, e.g. 312e12) or null, got {self.peak_flops}")
 
     @property
     def decay_iters(self) -> int:

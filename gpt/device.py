@@ -52,7 +52,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     dtype = getattr(torch, name)
     if dtype == torch.float16 and device.type != "cuda":
-        raise GptError("train.dtype=float16 needs a CUDA device; use bfloat16 or float32")
+        raise GptError("dtype float16 needs a CUDA device (it relies on CUDA's loss scaling); use bfloat16 or float32")
     return dtype
 
 

@@ -62,6 +62,13 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
     `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
     special tokens that a language model lacks: they keep their fresh initialisation."""
     source = read_model_source(path)
+    if config.task.kind is None and source.tokenizer == tokenizer \
+            and source.config.vocab_size == tokenizer.build().vocab_size + tasks.NUM_SPECIAL:
+        raise GptError(f"train.init_from {path} is a task model (its vocabulary has {tasks.NUM_SPECIAL} special "
+                       "tokens, and it has a task head); start from the language model it was fine-tuned from")
+    if source.tokenizer != tokenizer:  # before the shapes: a vocabulary of another size is this
+        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
+                       f"differs from the data's {tokenizer.name}; prepare the data with the checkpoint's tokenizer")
     changed = [name for name in shape_differences(source.config, config.model)
                if not (name == "vocab_size" and _grows_for_task(source.config, config))]
     if changed:
@@ -69,9 +76,6 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
                            for n in changed)
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; "
                        "use the checkpoint's model settings")
-    if source.tokenizer != tokenizer:
-        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
-                       f"differs from the data's {tokenizer.name}; prepare the data with the checkpoint's tokenizer")
     return source
 
 

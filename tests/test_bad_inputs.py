@@ -36,6 +36,9 @@ def world(tmp_path_factory) -> Path:
     (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
     data = prepare(PrepareOptions(sources=[str(root / "good.txt")], tokenizer="char", out=str(root / "data"),
                                   workers=1))
+    (root / "other.txt").write_text("abc abc, cab.\n" * 200)
+    other = prepare(PrepareOptions(sources=[str(root / "other.txt")], tokenizer="char", out=str(root / "other_data"),
+                                   workers=1))
     run = root / "run"
     train(tiny_config(data, run, max_iters=2, eval_interval=2, ckpt_interval=2))
     good = {"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(data)},
@@ -47,6 +50,8 @@ def world(tmp_path_factory) -> Path:
     (root / "bad.yaml").write_text("model:\n  n_layer: [1,\n")
     (root / "list.yaml").write_text("- model\n- train\n")
     (root / "section.yaml").write_text("model: 5\n")
+    (root / "init_other_vocab.yaml").write_text(yaml.safe_dump(
+        {**good, "data": {"dir": str(other)}, "train": {**good["train"], "init_from": str(run)}}))
     (root / "init_missing.yaml").write_text(yaml.safe_dump(
         {**good, "train": {**good["train"], "init_from": str(root / "nowhere")}}))
     return root
@@ -144,6 +149,9 @@ CASES = [
     ("train-run-exists", ["train", "{w}/good.yaml", "train.out_dir={w}/run"], "already holds a run"),
     ("train-resume-a-checkpoint", ["train", "--resume", "{w}/run/ckpt_000002"], "--resume takes the run folder"),
     ("train-malicious-pickle", ["train", "--resume", "@pickle"], "refused: not a safe checkpoint file"),
+    ("train-init-from-other-vocabulary", ["train", "{w}/init_other_vocab.yaml"],
+     "tokenizer differs from the data's char; prepare the data with the checkpoint's tokenizer"),
+    ("train-peak-flops", ["train", "{w}/good.yaml", "train.peak_flops=-5"], "train.peak_flops must be positive"),
     ("train-init-from-missing", ["train", "{w}/init_missing.yaml"], "checkpoint not found"),
     # sample and chat
     ("sample-missing", ["sample", "{w}/nowhere"], "checkpoint not found"),
@@ -180,6 +188,10 @@ CASES = [
     ("eval-nothing", ["eval", "{w}/run"], "nothing to evaluate"),
     ("eval-missing-task", ["eval", "{w}/run", "--task", "{w}/nope.jsonl"], "cannot read task file"),
     ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"], "line 1: \"label\" must be"),
+    ("eval-split-of-a-text-file", ["eval", "{w}/run", "--data", "{w}/good.txt", "--split", "train"],
+     "--split picks a split of a dataset folder"),
+    ("eval-float16-on-cpu", ["eval", "{w}/run", "--data", "{w}/data", "--dtype", "float16", "--device", "cpu"],
+     "dtype float16 needs a CUDA device"),
     ("eval-stride", ["eval", "{w}/run", "--data", "{w}/data", "--stride", "0"], "--stride must be between"),
     ("eval-other-tokenizer", ["eval", "{w}/run", "--data", "{w}/bad_utf8.txt"], "bad_utf8.txt"),
     # classify

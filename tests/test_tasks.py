@@ -253,6 +253,16 @@ def task_run(char_data, tmp_path_factory):
     return run
 
 
+def test_language_model_training_from_a_task_model_is_refused_with_the_reason(task_run, char_data, tmp_path):
+    config = build_config({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(char_data)},
+                           "train": {"out_dir": str(tmp_path / "lm"), "device": "cpu", "max_iters": 2,
+                                     "init_from": str(task_run("classify"))}})
+    with pytest.raises(GptError, match="is a task model .its vocabulary has 3 special tokens, and it has a task head.; "
+                                       "start from the language model it was fine-tuned from"):
+        train(config)
+    assert not (tmp_path / "lm").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classify", "entail", "similar", "choice"])
 def test_a_tiny_model_learns_a_synthetic_task_of_each_kind(task_run, kind):
