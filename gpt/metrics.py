@@ -133,6 +133,8 @@ class Progress:
             return
         parts = [f"loss {row['loss']:.4f}" if row.get("loss") is not None else None,
                  f"val {row['val_loss']:.4f}" if row.get("val_loss") is not None else None,
+                 f"train eval {row['eval_train_loss']:.4f}" if row.get("val_loss") is None
+                 and row.get("eval_train_loss") is not None else None,
                  f"val acc {row['val_acc']:.3f}" if row.get("val_acc") is not None else None,
                  f"lr {row['lr']:.2e}" if row.get("lr") is not None else None,
                  f"{row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else None,

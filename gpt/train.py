@@ -170,7 +170,7 @@ class TrainState:
             self.best_val_acc = acc
             return True
         score = self.losses.get("val", self.losses.get("train"))
-        if score is None or score >= self.best_val_loss:
+        if score is None or not math.isfinite(score) or score >= self.best_val_loss:  # a diverged run is no best
             return False
         self.best_val_loss = score
         return True
@@ -470,6 +470,10 @@ def _loop(tr: Trainer, resumed: bool) -> int:
                 row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
                            mfu=flops_per_token * tok_s / (peak * tr.dist.world_size) if peak else None)
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
+                if not math.isfinite(row["loss"]) and tr.scaler is None:  # fp16's scaler skips such steps itself
+                    raise GptError(f"the training loss is {row['loss']} at iter {state.iter}: the run diverged; "
+                                   "lower train.lr (and train.muon_lr), then resume from a checkpoint before it "
+                                   "or start over")
             paused = time.perf_counter()
             if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
                 evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)

@@ -15,12 +15,12 @@ from gpt.checkpoint import find_checkpoint, load_model, load_training_state, rea
 from gpt.config import apply_overrides, build_config, to_dict
 from gpt.errors import GptError
 from gpt.formats import RunFolder
-from gpt.metrics import read_metrics
+from gpt.metrics import Evaluation, Progress, read_metrics
 from gpt.model import GPT
 from gpt.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
 from gpt.shards import load_dataset
 from gpt.tokenizer import TokenizerSpec
-from gpt.train import accumulate_gradients, build_trainer, lr_at, train
+from gpt.train import TrainState, accumulate_gradients, build_trainer, lr_at, train
 
 
 def with_changes(config, *overrides):
@@ -178,6 +178,24 @@ def test_a_damaged_latest_checkpoint_can_be_moved_aside_to_resume_from_the_one_b
     code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=6")
     assert code == 0, err
     assert "starting at iter 2" in out and read_checkpoint(tmp_path / "run").state["iter"] == 6
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_a_nan_loss_is_never_best(char_data, tmp_path):
+    config = tiny_config(char_data, tmp_path / "run", max_iters=40, lr=1e9, min_lr=1e8, warmup_iters=0,
+                         eval_interval=1, ckpt_interval=100, grad_clip=0.0)
+    with pytest.raises(GptError, match=r"the training loss is nan at iter \d+: the run diverged; lower train.lr"):
+        train(config)
+    state = TrainState()
+    assert state.record(Evaluation(losses={"val": 2.0}))
+    assert not state.record(Evaluation(losses={"val": math.nan})) and state.best_val_loss == 2.0
+    assert state.record(Evaluation(losses={"val": 1.5})) and state.best_val_loss == 1.5
+
+
+def test_an_evaluation_without_a_val_split_logs_the_train_loss(capsys):
+    progress = Progress(10, 0, enabled=True)
+    progress.report(5, Evaluation(losses={"train": 3.25}).row())
+    progress.report(10, Evaluation(losses={"train": 3.0, "val": 3.5}).row())
+    assert capsys.readouterr().out.splitlines() == ["iter 5/10 | train eval 3.2500", "iter 10/10 | val 3.5000"]
 
 
 def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
