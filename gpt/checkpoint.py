@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, retention, safe loading.
 
-The layout of a run folder is `gpt.formats.RunFolder`. A checkpoint is written to
+The layout of a run folder is `gpt.data.formats.RunFolder`. A checkpoint is written to
 `ckpt_N.tmp/`, fsynced and renamed; only then does `latest` move. The rename is the
 completeness marker, so a crash at any moment leaves the previous checkpoint intact. `best`
 is a link to a complete `best_N/` folder, switched the same way. Nothing is unpickled:
@@ -39,13 +39,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from gpt import distributed
 from gpt.config import Config, build_config, dump_yaml, read_yaml
+from gpt.data.formats import RunFolder
+from gpt.data.tokenizer import Tokenizer, TokenizerSpec
 from gpt.durable import fsync_path, write_durably
 from gpt.errors import GptError
-from gpt.formats import RunFolder
 from gpt.model import GPT
-from gpt.tokenizer import Tokenizer, TokenizerSpec
+from gpt.training import distributed
 
 WEIGHTS = RunFolder.WEIGHTS
 # An FSDP run's optimizer state: a torch.distributed.checkpoint folder inside the checkpoint.

@@ -34,10 +34,10 @@ from gpt.checkpoint import (
     save_model_folder,
 )
 from gpt.config import Config, ModelConfig, build_config
+from gpt.data.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
 from gpt.durable import fsync_path
 from gpt.errors import GptError
 from gpt.model import GPT
-from gpt.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
 
 HF_PREFIX = "hf:"
 GPT2_VOCAB = 50257
@@ -396,7 +396,7 @@ def gpt2_tokenizer_files() -> dict[str, str]:
     spell = _byte_spelling()
     text = {token: "".join(spell[b] for b in token) for token in ranks}
     vocab = {text[token]: rank for token, rank in ranks.items()}
-    vocab[EOT_TEXT] = len(ranks)  # as in gpt.tokenizer.gpt2_encoding
+    vocab[EOT_TEXT] = len(ranks)  # as in gpt.data.tokenizer.gpt2_encoding
     merges = [" ".join(text[part] for part in _last_merge(token, ranks))
               for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
     return {"vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt.data.tokenizer import EOT_TEXT, Tokenizer, make_tokenizer
 from gpt.durable import save_png
 from gpt.errors import GptError
+from gpt.inference.sample import prompt_ids, sampling_probs
 from gpt.model import GPT, CausalSelfAttention
-from gpt.sample import prompt_ids, sampling_probs
-from gpt.tokenizer import EOT_TEXT, Tokenizer, make_tokenizer
 
 # Enough tokens to rank token frequencies reliably, few enough to count in seconds.
 TOKENS_FOR_COUNTS = 20_000_000
@@ -61,7 +61,7 @@ def pick_tokenizer(name: str | None, data: str | None, checkpoint: str | None) -
     if sum(choice is not None for choice in (name, data, checkpoint)) > 1:
         raise GptError("give only one of --tokenizer, --data and --checkpoint")
     if data is not None:
-        from gpt.formats import DatasetMeta
+        from gpt.data.formats import DatasetMeta
 
         return DatasetMeta.read(data).tokenizer.build()
     if checkpoint is not None:
@@ -327,7 +327,7 @@ def training_data(tokenizer: Tokenizer, data_dir: str | None, why: str = "--data
     """The dataset in `data_dir`, which must have been made with `tokenizer`."""
     if data_dir is None or not Path(data_dir).is_dir():
         raise GptError(f"{why} {data_dir} is not there; give --data DATA_DIR (made with the model's tokenizer)")
-    from gpt.shards import load_dataset
+    from gpt.data.shards import load_dataset
 
     dataset = load_dataset(data_dir)
     if dataset.tokenizer.spec != tokenizer.spec:

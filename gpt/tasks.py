@@ -12,7 +12,7 @@ tokenizer's vocabulary (start, delim, extract; figure 1 of the paper):
 
 A linear head reads the final hidden state at the extract token. Training minimises the
 task's cross-entropy plus `lm_weight` times the language-modelling loss on the task text.
-The training loop itself is `gpt.train`'s; this module supplies the rows, batches, model,
+The training loop itself is `gpt.training.loop`'s; this module supplies the rows, batches, model,
 evaluation and `gpt classify`.
 """
 
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from gpt.checkpoint import Checkpoint, load_weights, read_checkpoint
 from gpt.config import Config
+from gpt.data.tokenizer import Tokenizer
 from gpt.errors import GptError
 from gpt.model import GPT
-from gpt.tokenizer import Tokenizer
 
 # The keys of an item in a task file, besides "label".
 FIELDS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),

@@ -43,7 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, build_config
-from gpt.data import BUNDLED_DATA
+from gpt.data.prepare import BUNDLED_DATA
+from gpt.data.shards import BatchSampler, DeviceBatches
+from gpt.data.tokenizer import gpt2_encoding
 from gpt.device import (
     autocast_for,
     maybe_compile,
@@ -52,12 +54,10 @@ from gpt.device import (
     pick_dtype,
     training_matmul_shapes,
 )
+from gpt.inference.sample import decode, pack_for_cpu_decoding
 from gpt.model import GPT
-from gpt.optim import make_optimizer
-from gpt.sample import decode, pack_for_cpu_decoding
-from gpt.shards import BatchSampler, DeviceBatches
-from gpt.tokenizer import gpt2_encoding
-from gpt.train import accumulate_gradients, optimizer_step
+from gpt.training.loop import accumulate_gradients, optimizer_step
+from gpt.training.optim import make_optimizer
 
 # The issue's two training shapes. The 6-layer one runs batch 8 (not nanoGPT's 64) to keep an
 # iteration near a second on a 2-core CPU; tokens/s hardly depends on it at this size.
@@ -274,8 +274,8 @@ def bench_sample(name: str, args: argparse.Namespace, bandwidth: float) -> list[
 PREPARE_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from gpt.data import PrepareOptions, prepare
-from gpt.tokenizer import gpt2_encoding
+from gpt.data.prepare import PrepareOptions, prepare
+from gpt.data.tokenizer import gpt2_encoding
 gpt2_encoding()  # start-up, like the interpreter's: the parent's raw tiktoken has its encoding built too
 start = time.perf_counter()
 prepare(PrepareOptions(sources=[sys.argv[1]], tokenizer="gpt2", out=sys.argv[2], workers=int(sys.argv[3])))

@@ -40,8 +40,8 @@ from bench import hf_twin, our_step, weight_bytes_per_step
 
 from gpt.config import build_config
 from gpt.device import autocast_for, peak_flops
+from gpt.inference.sample import decode, ready_for_decoding
 from gpt.model import GPT
-from gpt.sample import decode, ready_for_decoding
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
 NANOGPT_A100_PEAK = 312e12  # what nanoGPT's estimate_mfu divides by

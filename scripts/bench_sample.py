@@ -18,8 +18,8 @@ import torch
 
 from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import load_config
+from gpt.inference.sample import decode
 from gpt.model import GPT
-from gpt.sample import decode
 
 
 def tokens_per_second(model: GPT, tokens: int, use_cache: bool, repeats: int = 3) -> float:

@@ -22,12 +22,12 @@ import torch
 
 from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import load_config
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.device import autocast_for, cpu_has_native_bf16
-from gpt.evaluate import LMResult, evaluate_lm
+from gpt.evaluation.evaluate import LMResult, evaluate_lm
 from gpt.model import GPT
-from gpt.objectives import evaluate
-from gpt.shards import load_dataset
-from gpt.tokenizer import TokenizerSpec
+from gpt.training.objectives import evaluate
 
 FP32 = autocast_for(torch.device("cpu"), torch.float32)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import time
 
-import gpt.budget
+import gpt.training.budget
 from gpt.cli import main
 
 if os.environ.get("RANK") == os.environ["GPT_TEST_FAST_CLOCK_RANK"]:
-    gpt.budget.clock = lambda: 1000 * time.perf_counter()
+    gpt.training.budget.clock = lambda: 1000 * time.perf_counter()
 
 main()

@@ -12,7 +12,7 @@ import yaml
 
 from gpt.cli import main
 from gpt.config import build_config
-from gpt.data import PrepareOptions, prepare
+from gpt.data.prepare import PrepareOptions, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import time
 
-import gpt.train
+import gpt.training.loop
 from gpt.cli import main
 
 if os.environ.get("RANK") == os.environ["GPT_TEST_FAULT_RANK"]:
-    real_step = gpt.train.optimizer_step
+    real_step = gpt.training.loop.optimizer_step
     steps = []
 
     def faulty_step(*args, **kwargs):
@@ -24,6 +24,6 @@ if os.environ.get("RANK") == os.environ["GPT_TEST_FAULT_RANK"]:
             time.sleep(20)  # longer than the test's train.dist_timeout, shorter than torchrun's kill grace
         return real_step(*args, **kwargs)
 
-    gpt.train.optimizer_step = faulty_step
+    gpt.training.loop.optimizer_step = faulty_step
 
 main()

@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from gpt.data import PrepareOptions, prepare
-from gpt.train import train
+from gpt.data.prepare import PrepareOptions, prepare
+from gpt.training.loop import train
 
 
 @pytest.fixture(scope="module")

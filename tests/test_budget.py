@@ -7,13 +7,13 @@ import pytest
 import yaml
 from conftest import load_script, tiny_config
 
-from gpt import budget
-from gpt.budget import Costs, cost_of, iters_within
 from gpt.checkpoint import read_checkpoint
 from gpt.config import apply_overrides, build_config, to_dict
-from gpt.formats import RunFolder
-from gpt.metrics import read_metrics
-from gpt.train import lr_at, train
+from gpt.data.formats import RunFolder
+from gpt.training import budget
+from gpt.training.budget import Costs, cost_of, iters_within
+from gpt.training.loop import lr_at, train
+from gpt.training.metrics import read_metrics
 
 LOGGED = ("iter", "tokens", "loss", "lr", "grad_norm", "eval_train_loss", "val_loss")
 

@@ -4,7 +4,7 @@ import pytest
 
 from gpt.config import PRESETS, apply_overrides, build_config, dump_yaml, load_config, read_yaml, to_dict
 from gpt.errors import GptError
-from gpt.objectives import shape_differences
+from gpt.training.objectives import shape_differences
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -23,11 +23,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from gpt.checkpoint import load_model, read_checkpoint, save_model_folder
 from gpt.config import build_config
 from gpt.convert import read_hf, save_imported
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import GPT2Tokenizer, TokenizerSpec
+from gpt.inference.sample import decode
 from gpt.model import GPT
-from gpt.objectives import check_init_from, init_weights
-from gpt.sample import decode
-from gpt.shards import load_dataset
-from gpt.tokenizer import GPT2Tokenizer, TokenizerSpec
+from gpt.training.objectives import check_init_from, init_weights
 
 VOCAB, CONTEXT = 50257, 128
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import gpt.data
-from gpt.data import PrepareOptions, prepare
+import gpt.data.prepare
+from gpt.data.formats import HEADER_BYTES, SHARD_MAGIC, DatasetMeta
+from gpt.data.prepare import PrepareOptions, prepare
+from gpt.data.shards import BatchSampler, DeviceBatches, load_dataset, read_shard
+from gpt.data.tokenizer import make_tokenizer
 from gpt.errors import GptError
-from gpt.formats import HEADER_BYTES, SHARD_MAGIC, DatasetMeta
-from gpt.shards import BatchSampler, DeviceBatches, load_dataset, read_shard
-from gpt.tokenizer import make_tokenizer
 
 
 def run(tmp_path, sources, **options):
@@ -46,7 +46,7 @@ def test_shards_are_written_byte_exactly(tmp_path):
 
 
 def test_chunked_reading_matches_whole_text_encoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpt.data, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(gpt.data.prepare, "CHUNK_BYTES", 64)
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  indented line\n" * 30
     corpus = tmp_path / "a.txt"
     corpus.write_text(text)
@@ -55,7 +55,7 @@ def test_chunked_reading_matches_whole_text_encoding(tmp_path, monkeypatch):
 
 
 def test_one_and_two_workers_give_identical_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpt.data, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(gpt.data.prepare, "CHUNK_BYTES", 256)
     corpus = tmp_path / "a.txt"
     corpus.write_text("The quick brown fox.\nJumps over the lazy dog!\n" * 400)
     one = run(tmp_path, [corpus], tokenizer="gpt2", workers=1, out=str(tmp_path / "one"))
@@ -244,7 +244,7 @@ def test_device_batches_run_one_step_ahead_but_resume_at_the_next_step(char_data
 
 MEMORY_PROBE = """
 import resource, sys
-from gpt.data import PrepareOptions, prepare
+from gpt.data.prepare import PrepareOptions, prepare
 prepare(PrepareOptions(sources=[sys.argv[1]], tokenizer=sys.argv[2], out=sys.argv[3], workers=2))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

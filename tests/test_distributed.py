@@ -22,15 +22,15 @@ from conftest import REPO, tiny_yaml
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from gpt import distributed
 from gpt.checkpoint import OPTIMIZER_SHARDS, load_model, load_optimizer, load_training_state, read_checkpoint
 from gpt.config import load_config
+from gpt.data.shards import BatchSampler
 from gpt.errors import GptError
-from gpt.metrics import read_metrics
 from gpt.model import GPT
-from gpt.optim import make_optimizer
-from gpt.shards import BatchSampler
-from gpt.train import check_parallel
+from gpt.training import distributed
+from gpt.training.loop import check_parallel
+from gpt.training.metrics import read_metrics
+from gpt.training.optim import make_optimizer
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -77,7 +77,7 @@ def job_errors(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_ranks_read_disjoint_rows_that_make_up_the_one_process_batch(char_data, world_size):
-    from gpt.shards import load_dataset
+    from gpt.data.shards import load_dataset
 
     shards = load_dataset(char_data).splits["train"]
     whole = BatchSampler(shards, 16, 2 * world_size, seed=[7, 0])

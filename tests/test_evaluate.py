@@ -11,8 +11,11 @@ from conftest import REPO, SHAKESPEARE
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
+from gpt.data.formats import RunFolder
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, TokenizerSpec
 from gpt.errors import GptError
-from gpt.evaluate import (
+from gpt.evaluation.evaluate import (
     ChoiceItem,
     choice_requests,
     continuation,
@@ -27,10 +30,7 @@ from gpt.evaluate import (
     strided_windows,
     token_byte_lengths,
 )
-from gpt.formats import RunFolder
 from gpt.model import GPT
-from gpt.shards import load_dataset
-from gpt.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, TokenizerSpec
 
 
 def tiny(pos="learned", vocab=30, block_size=16) -> GPT:

@@ -12,15 +12,15 @@ import yaml
 from conftest import REPO, SHAKESPEARE, tiny_config
 
 import gpt.checkpoint
-import gpt.shards
+import gpt.data.shards
 from gpt.checkpoint import load_model, load_training_state, read_checkpoint
-from gpt.data import PrepareOptions, prepare
+from gpt.data.formats import RunFolder
+from gpt.data.prepare import PrepareOptions, prepare
+from gpt.data.shards import load_dataset
 from gpt.durable import FolderLock
 from gpt.errors import GptError
-from gpt.formats import RunFolder
-from gpt.metrics import read_metrics
-from gpt.shards import load_dataset
-from gpt.train import train
+from gpt.training.loop import train
+from gpt.training.metrics import read_metrics
 
 LOGGED = ("iter", "tokens", "loss", "lr", "grad_norm", "eval_train_loss", "val_loss")
 
@@ -103,7 +103,7 @@ def test_a_full_disk_while_writing_shards_leaves_nothing(tmp_path, monkeypatch, 
     def full(self, tokens):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "x.bin"))
 
-    monkeypatch.setattr(gpt.shards.ShardWriter, "write", full)
+    monkeypatch.setattr(gpt.data.shards.ShardWriter, "write", full)
     corpus = tmp_path / "a.txt"
     corpus.write_text("some text\n" * 50)
     code, _, err = cli("prepare", corpus, "--tokenizer", "byte", "--out", tmp_path / "out", "--workers", "1")

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from gpt.checkpoint import load_model, load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, load_config
+from gpt.data.formats import DatasetMeta
+from gpt.data.shards import read_shard
 from gpt.errors import GptError
-from gpt.formats import DatasetMeta
-from gpt.shards import read_shard
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KEYS = ["model.n_layer", "model.preset", "model.pos_encoding", "train.lr", "train.compile", "train.lr_decay_iters",
@@ -73,7 +73,7 @@ def test_meta_json(tmp_path, meta):
 def checkpoint_folder(char_data, tmp_path_factory):
     from conftest import tiny_config
 
-    from gpt.train import train
+    from gpt.training.loop import train
 
     out = tmp_path_factory.mktemp("fuzz_run")
     train(tiny_config(char_data, out, max_iters=2))
@@ -107,7 +107,7 @@ task_lines = st.lists(st.one_of(st.text(max_size=60), json_values.map(json.dumps
 @FUZZ
 @given(lines=task_lines, kind=st.sampled_from(["classify", "entail", "similar", "choice"]))
 def test_task_files(tmp_path, lines, kind):
-    from gpt.evaluate import read_task
+    from gpt.evaluation.evaluate import read_task
     from gpt.tasks import read_task_file
 
     path = tmp_path / "t.jsonl"

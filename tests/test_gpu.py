@@ -13,10 +13,10 @@ from conftest import REPO, shakespeare_data, tiny_config, tiny_yaml
 
 from gpt.checkpoint import load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, load_config, to_dict
-from gpt.metrics import read_metrics
 from gpt.model import GPT, KVCache
-from gpt.optim import make_optimizer
-from gpt.train import train
+from gpt.training.loop import train
+from gpt.training.metrics import read_metrics
+from gpt.training.optim import make_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -9,8 +9,8 @@ from conftest import REPO
 
 from gpt.checkpoint import save_model_folder
 from gpt.config import build_config
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.model import GPT
-from gpt.tokenizer import TokenizerSpec
 
 # GPT-3 paper, table 2.1: total parameters of each model.
 GPT3_PAPER_PARAMS = {"gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9,

@@ -8,7 +8,10 @@ from conftest import tiny_config
 
 from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import build_config
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import make_tokenizer
 from gpt.errors import GptError
+from gpt.inference.sample import pick_tokens, sampling_probs
 from gpt.inspection import (
     DPI,
     EMBEDDING_FIGSIZE,
@@ -26,11 +29,8 @@ from gpt.inspection import (
     token_embedding,
 )
 from gpt.model import GPT
-from gpt.sample import pick_tokens, sampling_probs
-from gpt.shards import load_dataset
 from gpt.tasks import NUM_SPECIAL
-from gpt.tokenizer import make_tokenizer
-from gpt.train import train
+from gpt.training.loop import train
 
 POS_ENCODINGS = ["learned", "sinusoidal", "rope"]
 

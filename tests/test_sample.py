@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_config
 
 from gpt.config import SampleConfig, build_config
-from gpt.model import GPT
-from gpt.sample import (
+from gpt.data.tokenizer import ByteTokenizer, CharTokenizer
+from gpt.inference.sample import (
     PackedLinear,
     chat_prompt,
     crop_to_context,
@@ -19,8 +19,8 @@ from gpt.sample import (
     pick_tokens,
     ready_for_decoding,
 )
-from gpt.tokenizer import ByteTokenizer, CharTokenizer
-from gpt.train import train
+from gpt.model import GPT
+from gpt.training.loop import train
 
 POS_ENCODINGS = ["learned", "sinusoidal", "rope"]
 

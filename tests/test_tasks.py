@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
-from gpt import distributed
 from gpt.checkpoint import read_checkpoint
 from gpt.config import apply_overrides, build_config, to_dict
+from gpt.data.tokenizer import CharTokenizer
 from gpt.errors import GptError
-from gpt.metrics import read_metrics
+from gpt.inference.sample import pick_tokens
 from gpt.model import GPT
-from gpt.sample import pick_tokens
 from gpt.tasks import (
     Example,
     TaskHead,
@@ -29,8 +28,9 @@ from gpt.tasks import (
     label_names,
     read_task_file,
 )
-from gpt.tokenizer import CharTokenizer
-from gpt.train import build_trainer, train
+from gpt.training import distributed
+from gpt.training.loop import build_trainer, train
+from gpt.training.metrics import read_metrics
 
 # A char tokenizer over "abcdefgh": a=0 ... h=7, so start=8, delim=9, extract=10.
 CHARS = CharTokenizer("abcdefgh")

@@ -1,7 +1,7 @@
 import pytest
 
+from gpt.data.tokenizer import ByteTokenizer, CharTokenizer, TextDecoder, TokenizerSpec, make_tokenizer
 from gpt.errors import GptError
-from gpt.tokenizer import ByteTokenizer, CharTokenizer, TextDecoder, TokenizerSpec, make_tokenizer
 
 TEXTS = ["hello world", "Ünïcödé — 世界 🚀\n\ttabs  and  spaces", "", "a" * 1000]
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from conftest import REPO, tiny_config, tiny_yaml
 
-from gpt import distributed, optim
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
 from gpt.config import apply_overrides, build_config, to_dict
+from gpt.data.formats import RunFolder
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
-from gpt.formats import RunFolder
-from gpt.metrics import Evaluation, Progress, read_metrics
 from gpt.model import GPT
-from gpt.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
-from gpt.shards import load_dataset
-from gpt.tokenizer import TokenizerSpec
-from gpt.train import TrainState, accumulate_gradients, build_trainer, lr_at, train
+from gpt.training import distributed, optim
+from gpt.training.loop import TrainState, accumulate_gradients, build_trainer, lr_at, train
+from gpt.training.metrics import Evaluation, Progress, read_metrics
+from gpt.training.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
 
 
 def with_changes(config, *overrides):
@@ -270,10 +270,10 @@ import sys, torch
 from pathlib import Path
 from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
-from gpt.formats import RunFolder
+from gpt.data.formats import RunFolder
 from gpt.model import GPT
-from gpt.shards import load_dataset
-from gpt.tokenizer import TokenizerSpec
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import TokenizerSpec
 config = build_config({"model": {"preset": "mini", "vocab_size": 2000}})
 model = GPT(config.model)
 out = Path(sys.argv[1])
@@ -323,7 +323,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
 @pytest.mark.slow
 def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
     from gpt.config import load_config
-    from gpt.data import PrepareOptions, prepare
+    from gpt.data.prepare import PrepareOptions, prepare
 
     data = prepare(PrepareOptions(sources=["shakespeare_char"], out=str(tmp_path / "data"), workers=1))
     config = load_config(REPO / "configs" / "shakespeare_char.yaml",
@@ -392,8 +392,8 @@ def test_speed_columns_leave_out_evaluation_and_checkpoint_time(char_data, tmp_p
             return method(*args, **kwargs)
         return run
 
-    from gpt.objectives import LanguageModelling
-    from gpt.train import Trainer
+    from gpt.training.loop import Trainer
+    from gpt.training.objectives import LanguageModelling
     monkeypatch.setattr(LanguageModelling, "evaluate", slow(LanguageModelling.evaluate))
     monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
     train(tiny_config(char_data, tmp_path / "run", max_iters=12, log_interval=2, eval_interval=2, ckpt_interval=3))

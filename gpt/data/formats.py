@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.durable import write_durably
 from gpt.errors import GptError
-from gpt.tokenizer import TokenizerSpec
 
 # ----------------------------------------------------------------------------- shard header
 # 256 little-endian int32: magic, version, token count, then zeros; the tokens follow as uint16.

@@ -2,7 +2,7 @@
 
 One loop serves pretraining, fine-tuning (`train.init_from`), task fine-tuning (a `task:`
 section) and resuming (`--resume`). What differs between language modelling and a task is an
-`Objective` (`gpt.objectives`): the module trained around the GPT, the micro-batches it reads
+`Objective` (`gpt.training.objectives`): the module trained around the GPT, the micro-batches it reads
 and the evaluation.
 Resuming is exact: weights, optimizer, the data sampler's RNG and torch's RNG are restored,
 so on CPU the losses after a resume equal those of an uninterrupted run bit for bit.
@@ -23,8 +23,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from gpt import budget as budgeting
-from gpt import distributed
 from gpt.checkpoint import (
     Checkpoint,
     load_optimizer,
@@ -36,15 +34,17 @@ from gpt.checkpoint import (
     stage_optimizer_shards,
 )
 from gpt.config import Config, TrainConfig, dump_yaml, to_dict
+from gpt.data.formats import RunFolder
+from gpt.data.shards import DeviceBatches
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock
 from gpt.errors import GptError
-from gpt.formats import RunFolder
-from gpt.metrics import Evaluation, MetricsLog, Progress
 from gpt.model import GPT
-from gpt.objectives import Objective, check_init_from, make_objective, shape_differences
-from gpt.optim import build_optimizer, set_lr
-from gpt.shards import DeviceBatches
+from gpt.training import budget as budgeting
+from gpt.training import distributed
+from gpt.training.metrics import Evaluation, MetricsLog, Progress
+from gpt.training.objectives import Objective, check_init_from, make_objective, shape_differences
+from gpt.training.optim import build_optimizer, set_lr
 
 # ----------------------------------------------------------------------------- optimisation
 
@@ -143,7 +143,7 @@ class TrainState:
     best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
-    budget_iters: int | None = None  # the max_iters that train.max_minutes chose (gpt.budget)
+    budget_iters: int | None = None  # the max_iters that train.max_minutes chose (gpt.training.budget)
 
     def state_dict(self) -> dict[str, Any]:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
@@ -240,7 +240,7 @@ class Trainer:
     head: torch.nn.Module | None    # a task run's head, saved beside the model's weights
     trained: torch.nn.Module        # what the optimizer trains: the model, or the model with its head
     forward_model: torch.nn.Module  # `trained` compiled and/or DDP-wrapped, used for forward passes
-    optimizer: torch.optim.Optimizer  # or gpt.optim.Optimizers, which acts as one
+    optimizer: torch.optim.Optimizer  # or gpt.training.optim.Optimizers, which acts as one
     scaler: torch.amp.GradScaler | None
     batches: DeviceBatches
     device: torch.device
@@ -500,7 +500,7 @@ def _loop(tr: Trainer, resumed: bool) -> int:
 
 def _spend_budget(tr: Trainer, budget: budgeting.Budget, batch: tuple[torch.Tensor, ...], progress: Progress
                   ) -> TrainConfig:
-    """Fix max_iters from the costs measured now (gpt.budget); every rank takes rank 0's number,
+    """Fix max_iters from the costs measured now (gpt.training.budget); every rank takes rank 0's number,
     or ranks would stop at different steps and wait for each other forever."""
     tc, state = tr.config.train, tr.state
     checkpoint = {"model": tr.model.state_dict(), **{k: v.state_dict() for k, v in tr.shared_state().items()}}

@@ -1,6 +1,6 @@
 """What a run trains for: language modelling (pretraining, LM fine-tuning) or a GPT-1 task.
 
-An `Objective` gives the training loop in `gpt.train` the module to train around the GPT, the
+An `Objective` gives the training loop in `gpt.training.loop` the module to train around the GPT, the
 micro-batches it reads and what an evaluation reports; it also checks the data, the config and
 a `train.init_from` source before anything is written.
 """
@@ -15,17 +15,18 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from gpt import distributed, tasks
+from gpt import tasks
 from gpt.checkpoint import Checkpoint, assign_weights, split_head
 from gpt.config import Config, ModelConfig
 from gpt.convert import ImportedModel, read_model_source
+from gpt.data.formats import DatasetMeta
+from gpt.data.shards import BatchSampler, Dataset, Sampler, load_dataset
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
-from gpt.evaluate import bits_per_byte
-from gpt.formats import DatasetMeta
-from gpt.metrics import Evaluation
+from gpt.evaluation.evaluate import bits_per_byte
 from gpt.model import GPT
-from gpt.shards import BatchSampler, Dataset, Sampler, load_dataset
-from gpt.tokenizer import TokenizerSpec
+from gpt.training import distributed
+from gpt.training.metrics import Evaluation
 
 # Model fields that may change between a checkpoint and the run that continues it.
 NON_SHAPE_FIELDS = {"dropout", "attn_dropout", "preset"}

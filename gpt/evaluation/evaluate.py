@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gpt.data.shards import load_dataset
+from gpt.data.tokenizer import Tokenizer, TokenizerSpec
 from gpt.errors import GptError
-from gpt.shards import load_dataset
-from gpt.tokenizer import Tokenizer, TokenizerSpec
 
 FEWSHOT_SEPARATOR = "\n\n"  # between solved examples and before the question, as in the GPT-3 paper
 Autocast = Callable[[], contextlib.AbstractContextManager]

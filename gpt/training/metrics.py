@@ -12,9 +12,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from gpt.data.formats import RunFolder
 from gpt.durable import save_png
 from gpt.errors import GptError
-from gpt.formats import RunFolder
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
            "eval_train_loss", "val_loss", "val_bpb", "train_acc", "val_acc"]

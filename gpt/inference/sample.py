@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from gpt.config import SampleConfig
+from gpt.data.tokenizer import TextDecoder, Tokenizer
 from gpt.device import autocast_for, pick_dtype
 from gpt.model import GPT, KVCache, StaticKVCache
-from gpt.tokenizer import TextDecoder, Tokenizer
 
 CHAT_STOP = "\nUser:"
 

@@ -26,18 +26,18 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from gpt.data.formats import META_FILE, TOKEN_DTYPE, DatasetMeta, SplitInfo
+from gpt.data.shards import ShardWriter
+from gpt.data.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
 from gpt.durable import FolderLock, fsync_path
 from gpt.errors import GptError
-from gpt.formats import META_FILE, TOKEN_DTYPE, DatasetMeta, SplitInfo
-from gpt.shards import ShardWriter
-from gpt.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
 
 CHUNK_BYTES = 1 << 18
 # Text pieces (of about CHUNK_BYTES) encoded per worker thread in one batch: with many, the
 # threads finish a batch together instead of one waiting for another's last piece.
 PIECES_PER_WORKER = 16
 DEFAULT_SHARD_TOKENS = 100_000_000
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 # Recipes: a bundled corpus and the tokenizer it is usually prepared with.
 RECIPES = {
     "shakespeare": ("tinyshakespeare.txt", "gpt2"),

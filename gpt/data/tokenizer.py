@@ -19,7 +19,7 @@ import numpy as np
 
 from gpt.errors import GptError
 
-GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS = Path(__file__).parent.parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenizer: contractions, letters, numbers, punctuation runs, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -1,6 +1,6 @@
 """Token shards on disk, their reader, and the training batch sampler and loader.
 
-The shard format and meta.json are defined in `gpt.formats`; this module writes shards,
+The shard format and meta.json are defined in `gpt.data.formats`; this module writes shards,
 memory-maps them, and draws training batches from them.
 """
 
@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gpt.data.formats import HEADER_BYTES, TOKEN_DTYPE, DatasetMeta, ShardInfo, read_shard_header, shard_header
+from gpt.data.tokenizer import Tokenizer
 from gpt.errors import GptError
-from gpt.formats import HEADER_BYTES, TOKEN_DTYPE, DatasetMeta, ShardInfo, read_shard_header, shard_header
-from gpt.tokenizer import Tokenizer
 
 
 class ShardWriter:

@@ -1,0 +1,3 @@
+from gpt.cli.app import main
+
+main()

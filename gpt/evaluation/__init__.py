@@ -1,0 +1,1 @@
+"""Measuring a model: whole-split loss, perplexity and bits per byte; multiple-choice accuracy."""

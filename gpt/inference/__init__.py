@@ -1,0 +1,1 @@
+"""Using a model: generation (sampling, chat framing) and task classification."""

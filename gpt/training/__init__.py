@@ -1,0 +1,1 @@
+"""Training: the one loop, its objectives, optimizers, time budget, metrics and processes."""
