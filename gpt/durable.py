@@ -38,8 +38,12 @@ def write_durably(path: Path, data: bytes | str) -> None:
 def replace_atomically(path: Path, data: bytes | str) -> None:
     """Write a file next to `path`, fsync it and rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write_durably(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_durably(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 

@@ -25,7 +25,7 @@ from gpt.config import load_config
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.device import autocast_for, cpu_has_native_bf16
-from gpt.evaluation.evaluate import LMResult, evaluate_lm
+from gpt.evaluation.perplexity import LMResult, evaluate_lm
 from gpt.model import GPT
 from gpt.training.objectives import evaluate
 

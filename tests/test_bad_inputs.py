@@ -187,7 +187,7 @@ CASES = [
     # eval
     ("eval-nothing", ["eval", "{w}/run"], "nothing to evaluate"),
     ("eval-missing-task", ["eval", "{w}/run", "--task", "{w}/nope.jsonl"], "cannot read task file"),
-    ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"], "line 1: \"label\" must be"),
+    ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"], "task_bad_label.jsonl:1: label 5 is not the index"),
     ("eval-split-of-a-text-file", ["eval", "{w}/run", "--data", "{w}/good.txt", "--split", "train"],
      "--split picks a split of a dataset folder"),
     ("eval-float16-on-cpu", ["eval", "{w}/run", "--data", "{w}/data", "--dtype", "float16", "--device", "cpu"],

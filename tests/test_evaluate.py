@@ -15,22 +15,24 @@ from gpt.data.formats import RunFolder
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, TokenizerSpec
 from gpt.errors import GptError
-from gpt.evaluation.evaluate import (
-    ChoiceItem,
+from gpt.evaluation.choice import (
     choice_requests,
     continuation,
     continuation_logprobs,
-    count_text_bytes,
-    evaluate_lm,
     evaluate_task,
-    evaluate_tokens,
     few_shot_examples,
     few_shot_prompt,
-    read_task,
+)
+from gpt.evaluation.perplexity import (
+    count_text_bytes,
+    evaluate_lm,
+    evaluate_tokens,
     strided_windows,
     token_byte_lengths,
 )
 from gpt.model import GPT
+from gpt.tasks.items import ChoiceItem
+from gpt.tasks.items import read_choice_file as read_task
 
 
 def tiny(pos="learned", vocab=30, block_size=16) -> GPT:
@@ -63,7 +65,7 @@ def token_losses(model, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n, block, stride", [(1, 8, 4), (7, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 4),
                                               (50, 8, 1), (50, 8, 8), (50, 8, 3), (49, 8, 7)])
 def test_windows_score_each_prediction_exactly_once_with_enough_context(n, block, stride):
-    windows = strided_windows(n, block, stride)
+    windows = list(strided_windows(n, block, stride))
     scored = [p for start, end, k in windows for p in range(end - k, end)]
     assert sorted(scored) == list(range(n)) and len(scored) == n
     assert all(end - start == min(block, n) for start, end, _ in windows)
@@ -268,26 +270,28 @@ def test_few_shot_prompt_is_solved_examples_then_the_question_separated_by_blank
 
 @pytest.mark.parametrize("line, message", [
     ('{"choices": ["a", "b"], "label": 0}', "missing key 'context'"),
-    ('{"context": "c", "choices": ["a", "b"], "label": 2}', "\"label\" must be an index into the 2 choices"),
-    ('{"context": "c", "choices": ["a", "b"], "label": true}', "\"label\" must be an index"),
-    ('{"context": "c", "choices": [], "label": 0}', "\"choices\" must be a non-empty list"),
+    ('{"context": "c", "choices": ["a", "b"], "label": 2}', "label 2 is not the index of one of the 2 choices"),
+    ('{"context": "c", "choices": ["a", "b"], "label": true}', "label True is not the index"),
+    ('{"context": "c", "choices": ["a", "b"]}', "missing key 'label'"),
+    ('{"context": "c", "choices": [], "label": 0}', "\"choices\" must be a list of at least two texts"),
+    ('{"context": "c", "choices": ["a"], "label": 0}', "\"choices\" must be a list of at least two texts"),
     ('{"context": "c", "choices": ["a", ""], "label": 0}', "every choice must be a non-empty string"),
-    ('{"context": 3, "choices": ["a"], "label": 0}', "\"context\" must be a string"),
+    ('{"context": 3, "choices": ["a", "b"], "label": 0}', "\"context\" must be a string"),
     ('["c", ["a"], 0]', "not a JSON object"),
-    ('{"context": "c", "choices": ["a"], "label": 0', "not a JSON object"),
+    ('{"context": "c", "choices": ["a"], "label": 0', "not valid JSON"),
 ])
 def test_malformed_task_lines_give_one_line_naming_the_line_number(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"context": "c", "choices": ["a", "b"], "label": 0}\n\n' + line + "\n")
     with pytest.raises(GptError) as error:
         read_task(path)
-    assert f"bad.jsonl line 3: {message}" in str(error.value) and "\n" not in str(error.value)
+    assert f"bad.jsonl:3: {message}" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_char_missing_from_the_vocabulary_names_the_task_line(tmp_path):
     task = write_task(tmp_path / "t.jsonl", [{"context": "ab\n", "choices": ["ba", "ab"], "label": 0},
                                              {"context": "ab\n", "choices": ["ba", "az"], "label": 0}])
-    with pytest.raises(GptError, match=r"t\.jsonl line 2: character 'z'"):
+    with pytest.raises(GptError, match=r"t\.jsonl:2: character 'z'"):
         evaluate_task(tiny(vocab=3), CharTokenizer("ab\n"), task)
 
 

@@ -107,8 +107,8 @@ task_lines = st.lists(st.one_of(st.text(max_size=60), json_values.map(json.dumps
 @FUZZ
 @given(lines=task_lines, kind=st.sampled_from(["classify", "entail", "similar", "choice"]))
 def test_task_files(tmp_path, lines, kind):
-    from gpt.evaluation.evaluate import read_task
-    from gpt.tasks import read_task_file
+    from gpt.tasks.items import read_choice_file as read_task
+    from gpt.tasks.items import read_task_file
 
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")

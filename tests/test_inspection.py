@@ -29,7 +29,7 @@ from gpt.inspection import (
     token_embedding,
 )
 from gpt.model import GPT
-from gpt.tasks import NUM_SPECIAL
+from gpt.tasks.framing import NUM_SPECIAL
 from gpt.training.loop import train
 
 POS_ENCODINGS = ["learned", "sinusoidal", "rope"]

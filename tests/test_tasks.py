@@ -16,18 +16,9 @@ from gpt.data.tokenizer import CharTokenizer
 from gpt.errors import GptError
 from gpt.inference.sample import pick_tokens
 from gpt.model import GPT
-from gpt.tasks import (
-    Example,
-    TaskHead,
-    TaskModel,
-    TaskSampler,
-    collate,
-    crop,
-    encode_items,
-    item_from_record,
-    label_names,
-    read_task_file,
-)
+from gpt.tasks.framing import Example, collate, crop, encode_items, task_sampler
+from gpt.tasks.items import item_from_record, label_names, read_task_file
+from gpt.tasks.model import TaskHead, TaskModel
 from gpt.training import distributed
 from gpt.training.loop import build_trainer, train
 from gpt.training.metrics import read_metrics
@@ -140,12 +131,12 @@ def test_lm_weight_zero_leaves_the_lm_loss_out_of_the_gradient(lm_weight):
 
 def test_task_sampler_resumes_at_the_same_batch_across_epochs():
     examples = [Example(rows=[[S, i % 8, E]], label=i % 2, cropped=False) for i in range(10)]
-    sampler = TaskSampler(examples, batch_size=4, text_vocab=S, seed=[1, 0, 0])
+    sampler = task_sampler(examples, batch_size=4, text_vocab=S, seed=[1, 0, 0])
     for _ in range(2):
         sampler.next_batch()
     state = sampler.state_dict()
     expected = [sampler.next_batch() for _ in range(4)]  # crosses two epoch boundaries
-    other = TaskSampler(examples, batch_size=4, text_vocab=S, seed=[9])
+    other = task_sampler(examples, batch_size=4, text_vocab=S, seed=[9])
     other.load_state_dict(state)
     for want, got in zip(expected, (other.next_batch() for _ in range(4))):
         assert all(torch.equal(a, b) for a, b in zip(want, got))
@@ -153,7 +144,7 @@ def test_task_sampler_resumes_at_the_same_batch_across_epochs():
 
 def test_task_sampler_batches_items_of_similar_length_in_random_order():
     examples = [Example(rows=[[S] + [1] * n + [E]], label=0, cropped=False) for n in range(64)]
-    sampler = TaskSampler(examples, batch_size=4, text_vocab=S, seed=0)
+    sampler = task_sampler(examples, batch_size=4, text_vocab=S, seed=0)
     lengths = [(sampler.next_batch()[0] != 0).sum(1) for _ in range(16)]  # one epoch: a window of its own
     assert sorted(int(n.min()) for n in lengths) == list(range(2, 66, 4))  # lengths 4k+2 .. 4k+5 together
     assert all(int(n.max() - n.min()) == 3 for n in lengths)

@@ -45,7 +45,7 @@ def info(
     from gpt.data.formats import RunFolder
 
     ckpt = read_checkpoint(folder)
-    from gpt.tasks import describe_task
+    from gpt.inference.classify import describe_task
 
     _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state, "tokenizer": ckpt.tokenizer_spec.name,
                  "model": _model_info(ckpt.config.model), "task": describe_task(ckpt),

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from gpt.cli.app import app, load_for_sampling
 from gpt.errors import GptError
+
+if TYPE_CHECKING:
+    from gpt.evaluation.choice import TaskResult
+    from gpt.evaluation.perplexity import LMResult
 
 
 @app.command(name="eval")
@@ -35,7 +39,8 @@ def evaluate(
 ) -> None:
     """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy."""
     from gpt.device import autocast_for, pick_dtype
-    from gpt.evaluation.evaluate import evaluate_lm, evaluate_task, results_table, write_details
+    from gpt.evaluation.choice import evaluate_task, write_details
+    from gpt.evaluation.perplexity import evaluate_lm
 
     if data is None and not task:
         raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE and/or --task FILE.jsonl")
@@ -90,27 +95,45 @@ def classify(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ) -> None:
     """Label items with a fine-tuned task model: prints the label and the probabilities."""
-    from gpt import tasks
     from gpt.device import pick_device
+    from gpt.inference.classify import format_item, format_summary, item_from_options, load_classifier
+    from gpt.tasks.items import read_task_file
 
-    classifier = tasks.load_classifier(checkpoint, pick_device(device))
+    classifier = load_classifier(checkpoint, pick_device(device))
     options = dict(text=text, premise=premise, hypothesis=hypothesis, text_a=text_a, text_b=text_b,
                    context=context, choice=choice)
     if file is not None and any(options.values()):
         raise GptError("give --file or the texts of one item, not both")
-    items = tasks.read_task_file(file, classifier.kind) if file is not None else \
-        [tasks.item_from_options(classifier.kind, options)]
+    items = read_task_file(file, classifier.kind) if file is not None else \
+        [item_from_options(classifier.kind, options)]
     result = classifier.classify(items)
     if result.cropped:
         print(f"note: {result.cropped} of {len(items)} item(s) cropped to the model's context "
               f"({classifier.model.gpt.config.block_size} tokens)", file=sys.stderr)
     if result.labels is not None:
         summary = result.summary_json()
-        print(json.dumps(summary) if as_json else tasks.format_summary(summary))
+        print(json.dumps(summary) if as_json else format_summary(summary))
         return
     for i in range(len(items)):
         item = result.item_json(i)
         if as_json:
             print(json.dumps(item, ensure_ascii=False))
         else:
-            print(tasks.format_item(item) if file is None else f"{item['label']}\t{max(item['probs'].values()):.4f}")
+            print(format_item(item) if file is None else f"{item['label']}\t{max(item['probs'].values()):.4f}")
+
+
+def results_table(lm: tuple[str, LMResult] | None, tasks: list[TaskResult]) -> str:
+    """A plain-text table: one row for the language-modelling data, one per task."""
+    lines = []
+    if lm is not None:
+        name, result = lm
+        bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "-"
+        lines += [f"{'data':<32} {'tokens':>10} {'loss':>8} {'ppl':>9} {'bpb':>8}",
+                  f"{name[-32:]:<32} {result.tokens:>10,} {result.loss:>8.4f} {result.perplexity:>9.3f} {bpb:>8}"]
+    if tasks:
+        if lines:
+            lines.append("")
+        lines.append(f"{'task':<32} {'items':>6} {'shots':>5} {'acc':>7} {'acc_norm':>8} {'chance':>7}")
+        lines += [f"{t.name[-32:]:<32} {len(t.scores):>6} {t.shots:>5} {t.acc:>7.4f} {t.acc_norm:>8.4f} "
+                  f"{t.chance:>7.4f}" for t in tasks]
+    return "\n".join(lines)

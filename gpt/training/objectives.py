@@ -15,7 +15,6 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from gpt import tasks
 from gpt.checkpoint import Checkpoint, assign_weights, split_head
 from gpt.config import Config, ModelConfig
 from gpt.convert import ImportedModel, read_model_source
@@ -23,8 +22,12 @@ from gpt.data.formats import DatasetMeta
 from gpt.data.shards import BatchSampler, Dataset, Sampler, load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
-from gpt.evaluation.evaluate import bits_per_byte
+from gpt.evaluation.perplexity import bits_per_byte
 from gpt.model import GPT
+from gpt.supervised import BucketSampler, with_appended_rows
+from gpt.tasks.framing import NUM_SPECIAL, encode_items, task_sampler
+from gpt.tasks.items import label_names, read_task_file
+from gpt.tasks.model import TaskHead, TaskModel, evaluate_split, make_head
 from gpt.training import distributed
 from gpt.training.metrics import Evaluation
 
@@ -64,8 +67,8 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
     special tokens that a language model lacks: they keep their fresh initialisation."""
     source = read_model_source(path)
     if config.task.kind is None and source.tokenizer == tokenizer \
-            and source.config.vocab_size == tokenizer.build().vocab_size + tasks.NUM_SPECIAL:
-        raise GptError(f"train.init_from {path} is a task model (its vocabulary has {tasks.NUM_SPECIAL} special "
+            and source.config.vocab_size == tokenizer.build().vocab_size + NUM_SPECIAL:
+        raise GptError(f"train.init_from {path} is a task model (its vocabulary has {NUM_SPECIAL} special "
                        "tokens, and it has a task head); start from the language model it was fine-tuned from")
     if source.tokenizer != tokenizer:  # before the shapes: a vocabulary of another size is this
         raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
@@ -81,14 +84,14 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
 
 
 def _grows_for_task(source: ModelConfig, config: Config) -> bool:
-    return config.task.kind is not None and source.vocab_size + tasks.NUM_SPECIAL == config.model.vocab_size
+    return config.task.kind is not None and source.vocab_size + NUM_SPECIAL == config.model.vocab_size
 
 
 def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
     """Copy a checked `check_init_from` source into a new model; a task head never carries over."""
     weights, _ = split_head(source.weights)
     if _grows_for_task(source.config, config):
-        weights = tasks.with_special_rows(weights, model)
+        weights = with_appended_rows(weights, model)
     assign_weights(model, weights, config.train.init_from)
 
 
@@ -167,15 +170,15 @@ class TaskFineTuning:
     def __init__(self, config: Config, tokenizer: TokenizerSpec):
         task, text = config.task, tokenizer.build()
         self.tokenizer, self.text_vocab, self.unit = tokenizer, text.vocab_size, "items"
-        items = {"train": tasks.read_task_file(task.train, task.kind)}
+        items = {"train": read_task_file(task.train, task.kind)}
         if task.val:
-            items["val"] = tasks.read_task_file(task.val, task.kind)
+            items["val"] = read_task_file(task.val, task.kind)
         labels = None
         if task.kind != "choice":
-            labels = task.labels or tasks.label_names(items["train"], task.kind, task.train)
+            labels = task.labels or label_names(items["train"], task.kind, task.train)
         self.config = _resolve_task_config(config, labels, text.vocab_size)
-        self.names = {split: labels or tasks.label_names(found, task.kind, "") for split, found in items.items()}
-        self.examples = {split: tasks.encode_items(found, self.names[split], text, config.model.block_size)
+        self.names = {split: labels or label_names(found, task.kind, "") for split, found in items.items()}
+        self.examples = {split: encode_items(found, self.names[split], text, config.model.block_size)
                          for split, found in items.items()}
         tc = config.train
         order = np.random.default_rng([tc.seed, 1]).permutation(len(self.examples["train"]))
@@ -190,24 +193,24 @@ class TaskFineTuning:
         return (f"task: {task.kind}, {labels}; {splits}; rows longer than model.block_size="
                 f"{self.config.model.block_size} are cropped, keeping the end of the first text")
 
-    def build_model(self, source: ImportedModel | None) -> tuple[GPT, tasks.TaskHead, tasks.TaskModel]:
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, TaskHead, TaskModel]:
         model = GPT(self.config.model)
-        head = tasks.make_head(self.config)
+        head = make_head(self.config)
         if source is not None:
             init_weights(model, source, self.config)
-        return model, head, tasks.TaskModel(model, head, self.config.task.lm_weight)
+        return model, head, TaskModel(model, head, self.config.task.lm_weight)
 
-    def sampler(self, seed: list[int], dist: distributed.Dist) -> tasks.TaskSampler:
-        # Each rank shuffles the items with its own seed.
-        return tasks.TaskSampler(self.examples["train"], self.config.train.batch_size, self.text_vocab,
-                                 [*seed, dist.rank])
+    def sampler(self, seed: list[int], dist: distributed.Dist) -> BucketSampler:
+        # One seed for all ranks: each keeps its rows of the job's batch, as language modelling does.
+        return task_sampler(self.examples["train"], self.config.train.batch_size, self.text_vocab, seed,
+                            dist.rank, dist.world_size)
 
     def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable,
                  dist: distributed.Dist) -> Evaluation:
         # Every rank scores every item with the same weights (tasks train under DDP only), so they agree.
         result = Evaluation(losses={})
         for split, examples in self.eval_sets.items():
-            loss, accuracy = tasks.evaluate_split(model, examples, self.names[split], split,
+            loss, accuracy = evaluate_split(model, examples, self.names[split], split,
                                                   self.config.train.batch_size, self.text_vocab, device, autocast)
             result.losses[split] = loss
             result.accuracy.update(accuracy)
@@ -219,10 +222,10 @@ class TaskFineTuning:
 
 def _resolve_task_config(config: Config, labels: list[str] | None, text_vocab: int) -> Config:
     """Fill model.vocab_size (the tokenizer's plus the special tokens) and task.labels."""
-    vocab_size = text_vocab + tasks.NUM_SPECIAL
+    vocab_size = text_vocab + NUM_SPECIAL
     if config.model.vocab_size not in (None, vocab_size):
         raise GptError(f"model.vocab_size is {config.model.vocab_size} but a task run's is the tokenizer's "
-                       f"{text_vocab} plus {tasks.NUM_SPECIAL} special tokens; set model.vocab_size=null")
+                       f"{text_vocab} plus {NUM_SPECIAL} special tokens; set model.vocab_size=null")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size),
                                task=dataclasses.replace(config.task, labels=labels))
 
