@@ -413,6 +413,21 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def changed_settings(config: Config) -> dict[str, dict[str, Any]]:
+    """The settings of `config` that differ from the defaults (those of its model preset, if it
+    names one), by section: what a person needs to see of a run's 60-odd settings."""
+    defaults = to_dict(build_config({"model": {"preset": config.model.preset}} if config.model.preset else {}))
+    changed = {section: {key: value for key, value in body.items() if defaults[section][key] != value}
+               for section, body in to_dict(config).items()}
+    return {section: body for section, body in changed.items() if body}
+
+
+def describe_changes(config: Config) -> str:
+    """One line per section of `changed_settings`: `  model: n_layer=4, n_head=4, ...`."""
+    return "\n".join(f"  {section}: " + ", ".join(f"{key}={value}" for key, value in body.items())
+                     for section, body in changed_settings(config).items())
+
+
 def config_help() -> str:
     """Every config key with its type, default and help, for `gpt train --help`."""
     lines = []

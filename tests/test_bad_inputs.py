@@ -32,6 +32,8 @@ def world(tmp_path_factory) -> Path:
     (root / "list.jsonl").write_text('[1, 2]\n')
     (root / "number.jsonl").write_text('{"text": 5}\n')
     (root / "task_bad_label.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
+    (root / "task_one_choice.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n'
+                                                '{"context": "a", "choices": ["b"], "label": 0}\n')
     (root / "llama").mkdir()
     (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
     data = prepare(PrepareOptions(sources=[str(root / "good.txt")], tokenizer="char", out=str(root / "data"),
@@ -187,7 +189,10 @@ CASES = [
     # eval
     ("eval-nothing", ["eval", "{w}/run"], "nothing to evaluate"),
     ("eval-missing-task", ["eval", "{w}/run", "--task", "{w}/nope.jsonl"], "cannot read task file"),
-    ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"], "task_bad_label.jsonl:1: label 5 is not the index"),
+    ("eval-one-choice", ["eval", "{w}/run", "--task", "{w}/task_one_choice.jsonl"],
+     "task_one_choice.jsonl:2: \"choices\" must be a list of at least two texts"),
+    ("eval-bad-label", ["eval", "{w}/run", "--task", "{w}/task_bad_label.jsonl"],
+     "task_bad_label.jsonl:1: label 5 is not the index"),
     ("eval-split-of-a-text-file", ["eval", "{w}/run", "--data", "{w}/good.txt", "--split", "train"],
      "--split picks a split of a dataset folder"),
     ("eval-float16-on-cpu", ["eval", "{w}/run", "--data", "{w}/data", "--dtype", "float16", "--device", "cpu"],

@@ -52,3 +52,24 @@ def test_prepare_and_info_end_to_end(cli, tmp_path):
     assert code == 0, err
     code, out, _ = cli("info", tmp_path / "d")
     assert code == 0 and "tokenizer byte, vocab_size 257" in out and "train:" in out and "val:" in out
+
+
+def test_train_prints_what_differs_from_the_defaults_and_saves_every_setting(cli, tmp_path, char_data):
+    from conftest import tiny_config
+
+    from gpt.config import dump_yaml, load_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_yaml(tiny_config(char_data, tmp_path / "run", max_iters=2, eval_interval=2,
+                                            ckpt_interval=2)))
+    code, out, err = cli("train", config, "model.n_layer=1")
+    assert code == 0, err
+    header = out[:out.index("\ndata: ")]
+    assert f"every setting in {tmp_path / 'run' / 'config.yaml'}" in header
+    assert "n_layer=1" in header and "max_iters=2" in header
+    assert "weight_decay" not in header and len(header.splitlines()) <= 6  # not the ~60 lines of the whole config
+    saved = load_config(tmp_path / "run" / "config.yaml", [])
+    assert saved.model.n_layer == 1 and saved.train.weight_decay == 0.1
+    code, out, err = cli("train", config, "model.n_layer=1", "--overwrite", "--show-config")
+    assert code == 0, err
+    assert "weight_decay: 0.1" in out

@@ -148,6 +148,41 @@ def test_text_bytes_exclude_end_of_text(tokenizer):
     assert token_byte_lengths(tokenizer).shape == (tokenizer.vocab_size,)
 
 
+def test_a_split_is_read_window_by_window_across_its_shards(tmp_path):
+    """`gpt eval --data DIR` never holds a whole split: memory stays at a batch of windows, and
+    windows that straddle shard boundaries score as over one concatenated array."""
+    import tracemalloc
+
+    from gpt.data.prepare import PrepareOptions, prepare
+    from gpt.evaluation.perplexity import ConcatenatedShards
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train.txt").write_text("train text\n" * 100)
+    (tmp_path / "val.txt").write_bytes(bytes(rng.integers(97, 123, 600_000).astype(np.uint8)))
+    folder = prepare(PrepareOptions(sources=[str(tmp_path / "train.txt")], val=str(tmp_path / "val.txt"),
+                                    tokenizer="byte", out=str(tmp_path / "data"), workers=1, shard_size=200_000))
+    dataset = load_dataset(folder)
+    shards = dataset.splits["val"]
+    assert len(shards) >= 3
+    whole = np.concatenate(shards)
+    view = ConcatenatedShards(shards)
+    for start, stop in [(0, 10), (199_990, 200_020), (199_999, 400_001), (len(whole) - 5, len(whole) + 9)]:
+        assert np.array_equal(view[start:stop], whole[start:stop])
+    logits = torch.log(torch.arange(1, dataset.vocab_size + 1, dtype=torch.float))
+    model = FixedLogits(logits, block_size=256)
+    tracemalloc.start()
+    try:
+        streamed = evaluate_lm(model, dataset.meta.tokenizer, folder, split="val", stride=256, batch_size=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < whole.nbytes / 2, peak  # the split is 1.2 MB as uint16: it was concatenated before
+    direct = evaluate_tokens(model, whole, token_byte_lengths(dataset.tokenizer), stride=256, batch_size=64)
+    assert (streamed.tokens, streamed.text_bytes) == (direct.tokens, direct.text_bytes) == (len(whole) - 1,
+                                                                                            len(whole) - 1)
+    assert streamed.loss == pytest.approx(direct.loss, rel=1e-9)
+
+
 def test_dataset_split_is_scored_whole_and_matches_its_text(char_data):
     dataset = load_dataset(char_data)
     tokens = np.asarray(dataset.splits["val"][0])

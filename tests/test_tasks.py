@@ -151,6 +151,24 @@ def test_task_sampler_batches_items_of_similar_length_in_random_order():
     assert [int(n.min()) for n in lengths] != sorted(int(n.min()) for n in lengths)  # in random order
 
 
+def test_task_batches_under_torchrun_are_disjoint_rows_of_the_one_process_batch():
+    """N ranks with batch b read, step by step, exactly the items one process reads with batch N x b
+    (each item once an epoch across the ranks), as language modelling does."""
+    examples = [Example(rows=[[S] + [i % 8] * (1 + i % 13) + [E]], label=i % 2, cropped=False) for i in range(50)]
+
+    def items(batch):  # an item is recognised by its row (first token after start, length)
+        ids = batch[0]
+        return sorted((int(row[1]), int((row != 0).sum())) for row in ids)
+
+    single = task_sampler(examples, batch_size=6, text_vocab=S, seed=[3, 0])
+    ranks = [task_sampler(examples, batch_size=3, text_vocab=S, seed=[3, 0], rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(20):  # more than two epochs
+        want = items(single.next_batch())
+        got = [items(sampler.next_batch()) for sampler in ranks]
+        assert sorted(got[0] + got[1]) == want
+        assert len(got[0]) == len(got[1]) == 3
+
+
 def test_labels_from_the_data_sort_numbers_numerically(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text_a": "a", "text_b": "b", "label": n}) + "\n" for n in (10, 2, 9, 2)))

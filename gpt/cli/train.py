@@ -18,12 +18,14 @@ def train(
                                      "the run folder may stand in place of the config."),
     resume: bool = typer.Option(False, help="Continue the run in train.out_dir (or the given run folder)."),
     overwrite: bool = typer.Option(False, help="Start over in a train.out_dir that already holds a run."),
+    show_config: bool = typer.Option(False, help="Print every setting at start (default: those that differ from "
+                                     "the defaults; all are in train.out_dir/config.yaml)."),
 ) -> None:
     """Train a model: gpt train configs/shakespeare_char.yaml train.max_iters=500"""
     from gpt.training.loop import train as run_train
 
     config = _train_config(list(args or []), resume)
-    code = run_train(config, resume=resume, overwrite=overwrite)
+    code = run_train(config, resume=resume, overwrite=overwrite, show_config=show_config)
     raise typer.Exit(code)
 
 

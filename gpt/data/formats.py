@@ -148,6 +148,7 @@ class RunFolder:
         ckpt_000500/  model.safetensors, config.yaml, tokenizer.json, state.json, optimizer.pt
         latest -> ckpt_000500        the newest complete checkpoint
         best/                        lowest val loss: weights, config, tokenizer, state
+        config.yaml                  the resolved config, written at start (each checkpoint has its own)
         metrics.csv, loss.png, tensorboard/
     """
 
@@ -171,6 +172,10 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.root / "best"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "config.yaml"
 
     @property
     def metrics(self) -> Path:
@@ -197,7 +202,8 @@ class RunFolder:
     def run_files(self) -> list[Path]:
         """Everything a new run started with --overwrite removes."""
         best_folders = sorted(p for p in self.root.glob("best_*") if p.is_dir()) if self.root.is_dir() else []
-        return self.checkpoints() + best_folders + [self.latest, self.best, self.metrics, self.plot, self.tensorboard]
+        return self.checkpoints() + best_folders + [self.latest, self.best, self.run_config, self.metrics, self.plot,
+                                                         self.tensorboard]
 
     def holds_run(self) -> bool:
         return any(p.exists() or p.is_symlink() for p in self.run_files())

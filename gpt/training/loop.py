@@ -33,11 +33,11 @@ from gpt.checkpoint import (
     save_checkpoint,
     stage_optimizer_shards,
 )
-from gpt.config import Config, TrainConfig, dump_yaml, to_dict
+from gpt.config import Config, TrainConfig, describe_changes, dump_yaml, to_dict
 from gpt.data.formats import RunFolder
 from gpt.data.shards import DeviceBatches
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
-from gpt.durable import FolderLock
+from gpt.durable import FolderLock, replace_atomically
 from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import budget as budgeting
@@ -382,13 +382,14 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     return trainer, checkpoint
 
 
-def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Train (or continue) the run described by `config`; returns the process exit code."""
+def train(config: Config, *, resume: bool = False, overwrite: bool = False, show_config: bool = False) -> int:
+    """Train (or continue) the run described by `config`; returns the process exit code.
+    `show_config` prints every setting at start, not only those that differ from the defaults."""
     dist = distributed.setup(pick_device(config.train.device).type, config.train.dist_timeout)
     try:
         with contextlib.ExitStack() as hold:
             trainer, checkpoint = build_trainer(config, resume=resume, overwrite=overwrite, dist=dist, hold=hold)
-            code = _loop(trainer, resumed=checkpoint is not None)
+            code = _loop(trainer, resumed=checkpoint is not None, show_config=show_config)
             # Let rank 0 finish writing before any rank tears the process group down: a rank that
             # leaves early aborts inside gloo ("terminate called without an active exception").
             distributed.barrier(dist)
@@ -419,11 +420,16 @@ def nothing_to_train(tc: TrainConfig, state: TrainState) -> str:
             "pass a higher train.max_iters to train on")
 
 
-def _loop(tr: Trainer, resumed: bool) -> int:
+def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
     tc, main, state = tr.config.train, tr.dist.is_main, tr.state
     metrics = MetricsLog(tr.run, state.iter if resumed else None, tc.tensorboard) if main else None
     if main:
-        print(dump_yaml(tr.config).rstrip())
+        replace_atomically(tr.run.run_config, dump_yaml(tr.config))
+        if show_config:
+            print(dump_yaml(tr.config).rstrip())
+        else:
+            print(f"config: every setting in {tr.run.run_config} (--show-config prints them); set apart from the "
+                  f"defaults:\n{describe_changes(tr.config)}")
         print(tr.objective.describe())
         rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
         print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
