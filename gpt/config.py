@@ -220,10 +220,14 @@ class SampleConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    kind: Optional[Literal["classify", "entail", "similar", "choice"]] = option(
-        None, "fine-tune for a task as in GPT-1 (classify, entail, similar, choice); null trains a language model")
-    train: Optional[str] = option(None, "JSONL file of training items (see README: task files)")
+    kind: Optional[Literal["classify", "entail", "similar", "choice", "chat"]] = option(
+        None, "fine-tune for a task as in GPT-1 (classify, entail, similar, choice) or for chat (chat: "
+        "conversations, see README: chat fine-tuning); null trains a language model")
+    train: Optional[str] = option(None, "JSONL file of training items or conversations (see README: task files)")
     val: Optional[str] = option(None, "JSONL file of validation items; null evaluates on the train file only")
+    eval: Optional[str] = option(None, "chat: JSONL file of conversations with an \"answer\", scored by exact match "
+                                 "of the greedy reply at every evaluation")
+    train_on_prompt: bool = option(False, "chat: learn every token, not only the assistant turns")
     labels: Optional[list[str]] = option(None, "label names in order; null takes the sorted labels of the train file")
     lm_weight: float = option(0.5, "weight of the language-modelling loss on the task text (GPT-1: 0.5)")
     head_dropout: float = option(0.1, "dropout before the task head's linear layer")
@@ -231,15 +235,17 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _require(self.kind is None or self.train is not None,
                  f"task.kind is {self.kind} but task.train is not set; give a JSONL file of training items")
-        _require(self.kind != "choice" or self.labels is None,
-                 "task.labels is not used by task.kind=choice (the label is the index of the right choice); "
-                 "remove it")
+        _require(self.kind not in ("choice", "chat") or self.labels is None,
+                 f"task.labels is not used by task.kind={self.kind} (a choice's label is the index of the right "
+                 "choice; chat has none); remove it")
         _require(self.labels is None or len(self.labels) >= 2,
                  f"task.labels must name at least two labels, got {self.labels}")
         repeated = [label for i, label in enumerate(self.labels or []) if label in self.labels[:i]]
         _require(not repeated, f"task.labels names {repeated[0]!r} twice; list each label once" if repeated else "")
         _require(self.lm_weight >= 0, f"task.lm_weight must be >= 0, got {self.lm_weight}")
         _require(0.0 <= self.head_dropout < 1.0, f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
+        _require(self.kind == "chat" or (self.eval is None and not self.train_on_prompt),
+                 "task.eval and task.train_on_prompt belong to task.kind=chat; remove them")
 
 
 @dataclass(kw_only=True)

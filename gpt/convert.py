@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tiktoken.load import load_tiktoken_bpe
 
+from gpt.chat import ChatTemplate
 from gpt.checkpoint import (
     WEIGHTS,
     assign_weights,
@@ -365,6 +366,12 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
     tokenizer = checkpoint.tokenizer
     files = gpt2_tokenizer_files() if tokenizer.name == "gpt2" else {
         TOKENIZER_SIDECAR: json.dumps(checkpoint.tokenizer_spec.to_json(), ensure_ascii=False) + "\n"}
+    template = ChatTemplate.of(checkpoint.config)
+    if template is not None and tokenizer.name == "gpt2":  # transformers reads GPT-2's files, not ours
+        settings = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
+                    "unk_token": EOT_TEXT, "model_max_length": config.block_size,
+                    **template.hf_tokenizer_config(EOT_TEXT)}
+        files["tokenizer_config.json"] = json.dumps(settings, ensure_ascii=False, indent=2) + "\n"
     files["config.json"] = json.dumps(_hf_config(config, tokenizer.eot), indent=2) + "\n"
     with replacing_folder(Path(out_dir)) as tmp:
         tmp.mkdir(parents=True)

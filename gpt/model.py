@@ -6,8 +6,10 @@ runs new tokens against a `KVCache` for fast generation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -286,11 +288,12 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (B, T), the mean
-        cross-entropy of predicting each next token."""
+        cross-entropy of predicting each next token; targets of -1 are skipped (the prompt and
+        padding of a chat fine-tuning batch)."""
         logits = self.logits(self.hidden_states(idx, None))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def forward_step(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -314,3 +317,14 @@ def size_on_meta(config: ModelConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = GPT(config)
     return model.num_params(), model.flops_per_token()
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

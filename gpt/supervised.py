@@ -127,11 +127,10 @@ class BucketSampler(Generic[Example]):
         self._start_epoch()
         self.position = int(state["position"])
 
-
-def padding_share(lengths: list[int], batch_size: int) -> float:
-    """The share of padding in batches of `batch_size` items of these lengths sorted by length
-    (what BucketSampler's windows approach): printed at the start of a run."""
-    ordered = sorted(lengths)
-    padded = sum(max(ordered[i:i + batch_size]) * len(ordered[i:i + batch_size])
-                 for i in range(0, len(ordered), batch_size))
-    return 1 - sum(ordered) / padded if padded else 0.0
+    def padding_share(self) -> float:
+        """The share of padding in this epoch's batches (each pads to its longest item): printed
+        at the start of a run, as a check that bucketing works."""
+        size = self.batch_size * self.world_size
+        batches = [[self.lengths[i] for i in self.order[s:s + size]] for s in range(0, len(self.order), size)]
+        padded = sum(max(batch) * len(batch) for batch in batches)
+        return 1 - sum(map(sum, batches)) / padded

@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
+from gpt.chat import ChatTemplate
 from gpt.cli.app import app, load_for_sampling, read_prompt, read_text_option, sample_settings
 from gpt.config import SampleConfig
 from gpt.errors import GptError
@@ -53,7 +54,7 @@ def sample(
                                 kv_cache=False if no_cache else None)
     examples = read_text_option(few_shot, "--few-shot") if few_shot else None
     if interactive:
-        _chat(model, tokenizer, settings, system, examples)
+        _chat(model, tokenizer, settings, system, examples, ChatTemplate.of(ckpt.config))
         return
     text = read_prompt(prompt, prompt_file)
     if examples is not None:
@@ -64,7 +65,7 @@ def sample(
 @app.command()
 def chat(
     checkpoint: str = typer.Argument(..., help="Run folder or ckpt_* folder."),
-    system: Optional[str] = typer.Option(None, help="A System: line that opens the transcript."),
+    system: Optional[str] = typer.Option(None, help="A system message that opens the conversation."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest reply in tokens."),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy; higher = more random."),
     top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens."),
@@ -72,15 +73,16 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible replies."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ) -> None:
-    """Talk to a base model through a plain-text transcript (prompt framing, not instruction
-    tuning); the same as `gpt sample --interactive`."""
+    """Talk to a model: a chat model (fine-tuned with task.kind=chat) through its chat template, a
+    base model through a plain-text transcript (prompt framing); the same as `gpt sample --interactive`."""
     from gpt.inference.sample import ready_for_decoding
 
     model, tokenizer, ckpt = load_for_sampling(checkpoint, device)
     model = ready_for_decoding(model)
     settings = sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)
-    _chat(model, tokenizer, settings, system, None)
+    _chat(model, tokenizer, settings, system, None, ChatTemplate.of(ckpt.config))
+
 
 def _print_samples(model, tokenizer, text: str, settings: SampleConfig, as_json: bool, stream: Optional[bool]) -> None:
     from gpt.inference.sample import generate
@@ -99,13 +101,20 @@ def _print_samples(model, tokenizer, text: str, settings: SampleConfig, as_json:
             print(("\n---------------\n" if i else "") + text + result.text)
 
 
-def _chat(model, tokenizer, settings: SampleConfig, system: Optional[str], examples: Optional[str]) -> None:
+def _chat(model, tokenizer, settings: SampleConfig, system: Optional[str], examples: Optional[str],
+          template: Optional[ChatTemplate]) -> None:
     from gpt.inference.sample import chat
 
     tty = sys.stdin.isatty()
     if tty:
-        print("Chatting with a base model through a plain-text transcript. Ctrl-D to quit.", file=sys.stderr)
-    for reply in chat(model, tokenizer, settings, _user_turns(tty, tokenizer), system, examples):
+        how = "its chat template" if template else "a plain-text transcript (a base model)"
+        print(f"Chatting through {how}. Ctrl-D to quit.", file=sys.stderr)
+
+    def on_drop() -> None:
+        print(f"note: the conversation outgrew the model's context ({model.config.block_size} tokens); its oldest "
+              "turns are left out from now on", file=sys.stderr, flush=True)
+
+    for reply in chat(model, tokenizer, settings, _user_turns(tty, tokenizer), system, examples, template, on_drop):
         print(f"Assistant: {reply}", flush=True)
 
 

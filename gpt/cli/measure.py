@@ -13,6 +13,7 @@ from gpt.cli.app import app, load_for_sampling
 from gpt.errors import GptError
 
 if TYPE_CHECKING:
+    from gpt.evaluation.chat import ChatResult
     from gpt.evaluation.choice import TaskResult
     from gpt.evaluation.perplexity import LMResult
 
@@ -27,7 +28,12 @@ def evaluate(
                                          "block_size - stride of context (default: half the context)."),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens."),
     task: List[str] = typer.Option([], help="Multiple-choice JSONL file of {context, choices, label} (repeatable)."),
-    shots: int = typer.Option(0, help="Solved examples placed before each question (0 = zero-shot)."),
+    chat: List[str] = typer.Option([], help="JSONL file of conversations ending with a user turn, each with the "
+                                   "\"answer\" its greedy reply is scored against (repeatable)."),
+    match: str = typer.Option("exact", help="How --chat replies are scored: exact (after trimming whitespace) or "
+                              "contains."),
+    shots: int = typer.Option(0, help="Solved examples placed before each question (0 = zero-shot); for --chat, "
+                              "base models only."),
     seed: int = typer.Option(1337, help="Seed for drawing the few-shot examples."),
     fewshot_file: Optional[str] = typer.Option(None, help="Draw the examples from this JSONL file (default: the "
                                                "task's other items)."),
@@ -37,13 +43,19 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (as in training), float32, bfloat16 or float16 autocast."),
 ) -> None:
-    """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy."""
+    """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy, exact match of
+    chat replies."""
+    from gpt.chat import ChatTemplate
     from gpt.device import autocast_for, pick_dtype
+    from gpt.evaluation.chat import MATCHES, evaluate_chat_file
     from gpt.evaluation.choice import evaluate_task, write_details
     from gpt.evaluation.perplexity import evaluate_lm
 
-    if data is None and not task:
-        raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE and/or --task FILE.jsonl")
+    if data is None and not task and not chat:
+        raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE, --task FILE.jsonl and/or "
+                       "--chat FILE.jsonl")
+    if match not in MATCHES:
+        raise GptError(f"--match must be exact or contains, got {match!r}")
     if split is not None and (data is None or not Path(data).is_dir()):
         raise GptError(f"--split picks a split of a dataset folder, and --data {data} is none (a text file is "
                        "scored whole); drop --split")
@@ -65,6 +77,9 @@ def evaluate(
                          batch_size=batch_size, autocast=autocast)
     tasks = [evaluate_task(model, tokenizer, path, shots=shots, seed=seed, fewshot_path=fewshot_file,
                            batch_size=batch_size, autocast=autocast) for path in task]
+    template = ChatTemplate.of(ckpt.config)
+    chats = [evaluate_chat_file(model, tokenizer, path, template, shots=shots, seed=seed, match=match,
+                                autocast=autocast) for path in chat]
     for t in tasks:
         if t.cropped:
             room = f"; the {shots} examples take room: lower --shots" if shots else ""
@@ -74,9 +89,10 @@ def evaluate(
         write_details(details, tasks)
     if as_json:
         print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split if lm else None,
-                          "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks]}))
+                          "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks],
+                          "chat": [c.to_json() for c in chats]}))
     else:
-        print(results_table((data, lm) if lm else None, tasks))
+        print(results_table((data, lm) if lm else None, tasks, chats))
 
 
 @app.command()
@@ -122,8 +138,9 @@ def classify(
             print(format_item(item) if file is None else f"{item['label']}\t{max(item['probs'].values()):.4f}")
 
 
-def results_table(lm: tuple[str, LMResult] | None, tasks: list[TaskResult]) -> str:
-    """A plain-text table: one row for the language-modelling data, one per task."""
+def results_table(lm: tuple[str, LMResult] | None, tasks: list[TaskResult], chats: list[ChatResult]) -> str:
+    """A plain-text table: one row for the language-modelling data, one per task, one per chat
+    file (and one per skill of it)."""
     lines = []
     if lm is not None:
         name, result = lm
@@ -136,4 +153,11 @@ def results_table(lm: tuple[str, LMResult] | None, tasks: list[TaskResult]) -> s
         lines.append(f"{'task':<32} {'items':>6} {'shots':>5} {'acc':>7} {'acc_norm':>8} {'chance':>7}")
         lines += [f"{t.name[-32:]:<32} {len(t.scores):>6} {t.shots:>5} {t.acc:>7.4f} {t.acc_norm:>8.4f} "
                   f"{t.chance:>7.4f}" for t in tasks]
+    if chats:
+        if lines:
+            lines.append("")
+        lines.append(f"{'chat':<32} {'items':>6} {'shots':>5} {'match':>8} {'accuracy':>8}")
+        for c in chats:
+            lines.append(f"{c.name[-32:]:<32} {len(c.scores):>6} {c.shots:>5} {c.match:>8} {c.accuracy:>8.4f}")
+            lines += [f"{'  ' + skill:<32} {'':>6} {'':>5} {'':>8} {acc:>8.4f}" for skill, acc in c.by_skill().items()]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gpt.chat import ChatTemplate
 from gpt.checkpoint import Checkpoint, load_weights, read_checkpoint
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import GptError
@@ -127,8 +128,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     """A task run's latest (or a given) checkpoint with its head; a language model's gets a clear error."""
     checkpoint = read_checkpoint(path)
     config = checkpoint.config
-    if config.task.kind is None:
-        raise GptError(f"{checkpoint.path} has no task head (it is a language model); fine-tune it for a task first "
+    if config.task.kind in (None, "chat"):
+        what = "a chat model: talk to it with gpt chat" if config.task.kind else "a language model"
+        raise GptError(f"{checkpoint.path} has no task head (it is {what}); fine-tune it for a task first "
                        "with a task: section, e.g. configs/finetune_speaker.yaml")
     tokenizer = checkpoint.tokenizer
     if config.model.vocab_size != tokenizer.vocab_size + NUM_SPECIAL:
@@ -146,6 +148,8 @@ def describe_task(checkpoint: Checkpoint) -> str | None:
     task = checkpoint.config.task
     if task.kind is None:
         return None
+    if task.kind == "chat":
+        return ChatTemplate.of(checkpoint.config).describe()
     special = SpecialTokens.after(checkpoint.config.model.vocab_size - NUM_SPECIAL)
     labels = f"labels {', '.join(task.labels)}" if task.labels else "label: the index of the right choice"
     accuracy = {k: round(v, 4) for k, v in (checkpoint.state.get("accuracy") or {}).items()}

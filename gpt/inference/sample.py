@@ -16,9 +16,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from gpt.chat import ChatTemplate, Message, fit_turns
 from gpt.config import SampleConfig
 from gpt.data.tokenizer import TextDecoder, Tokenizer
 from gpt.device import autocast_for, pick_dtype
+from gpt.errors import GptError
 from gpt.model import GPT, KVCache, StaticKVCache
 
 CHAT_STOP = "\nUser:"
@@ -208,26 +210,30 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConfig,
-             on_text: Callable[[str], None] | None = None) -> list[Sample]:
-    """Sample `settings.num_samples` continuations of `prompt` as one batch: the prompt is run
-    once and its cache shared, then each sample draws its own tokens. On a GPU the forward
-    passes run under autocast (bf16, or fp16 where bf16 is missing).
+             on_text: Callable[[str], None] | None = None, *, prompt_tokens: list[int] | None = None,
+             end_token: int | None = None) -> list[Sample]:
+    """Sample `settings.num_samples` continuations of `prompt` (or of the ids `prompt_tokens`)
+    as one batch: the prompt is run once and its cache shared, then each sample draws its own
+    tokens. On a GPU the forward passes run under autocast (bf16, or fp16 where bf16 is missing).
 
     Each sample stops at end-of-text (unless ignore_eot), at a stop string (the text is cut
-    before it) or after max_new_tokens. `on_text` receives the first sample's text as it
-    grows, holding back what could still turn out to be the start of a stop string."""
+    before it), at `end_token` (a chat model's `<|end|>`, the one appended token it may draw)
+    or after max_new_tokens. `on_text` receives the first sample's text as it grows, holding
+    back what could still turn out to be the start of a stop string."""
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
+    ids = prompt_tokens if prompt_tokens is not None else prompt_ids(tokenizer, prompt)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device)
     if settings.seed is not None:
         generator.manual_seed(settings.seed)
     else:
         generator.seed()
     samples = [Sample(prompt=prompt) for _ in range(settings.num_samples)]
-    growing = [_GrowingText(sample, tokenizer, settings) for sample in samples]
+    growing = [_GrowingText(sample, tokenizer, settings, end_token) for sample in samples]
     stream = _Streamer(on_text, settings.stop) if on_text else None
+    drawable = tokenizer.vocab_size if end_token is None else end_token + 1
     pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                             top_p=settings.top_p, generator=generator, vocab_size=tokenizer.vocab_size)
+                             top_p=settings.top_p, generator=generator, vocab_size=drawable)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -254,8 +260,8 @@ class _GrowingText:
     """Appends tokens to one sample: decodes only the new token, looks for stop strings only
     where the new text could complete one, and marks the sample done when it ends."""
 
-    def __init__(self, sample: Sample, tokenizer: Tokenizer, settings: SampleConfig):
-        self.sample, self.tokenizer, self.settings = sample, tokenizer, settings
+    def __init__(self, sample: Sample, tokenizer: Tokenizer, settings: SampleConfig, end_token: int | None):
+        self.sample, self.tokenizer, self.settings, self.end_token = sample, tokenizer, settings, end_token
         self.decoder = TextDecoder(tokenizer)
         self.longest_stop = max((len(s) for s in settings.stop), default=0)
 
@@ -265,6 +271,9 @@ class _GrowingText:
             return
         if token == self.tokenizer.eot and not self.settings.ignore_eot:
             sample.done, sample.stop_reason = True, "eot"
+            return
+        if token == self.end_token:
+            sample.done, sample.stop_reason = True, "end"
             return
         sample.tokens.append(token)
         self._extend(self.decoder.add(token))
@@ -312,11 +321,17 @@ def few_shot_prompt(examples: str, prompt: str) -> str:
 
 def chat_prompt(system: str | None, history: list[tuple[str, str]], user: str) -> str:
     """A conversation as a plain-text transcript that ends where the assistant speaks next."""
-    lines = [f"System: {system}"] if system else []
+    messages = [Message("system", system)] if system else []
     for said, answered in history:
-        lines += [f"User: {said}", f"Assistant: {answered}"]
-    lines += [f"User: {user}", "Assistant:"]
-    return "\n".join(lines)
+        messages += [Message("user", said), Message("assistant", answered)]
+    return transcript([*messages, Message("user", user)])
+
+
+def transcript(messages: list[Message]) -> str:
+    """Messages framed as `System: ...`, `User: ...`, `Assistant: ...` lines, ending with
+    `Assistant:`: how a base model, which only continues documents, is made to chat."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "\n".join([*(f"{names[m.role]}: {m.content}" for m in messages), "Assistant:"])
 
 
 def crop_to_context(prompt: str, tokenizer: Tokenizer, budget: int) -> str:
@@ -325,19 +340,58 @@ def crop_to_context(prompt: str, tokenizer: Tokenizer, budget: int) -> str:
     return tokenizer.decode(ids[-budget:]) if budget > 0 and len(ids) > budget else prompt
 
 
+def reply_prompt(tokenizer: Tokenizer, messages: list[Message], room: int, template: ChatTemplate | None = None,
+                 examples: str | None = None) -> tuple[list[int], bool]:
+    """The ids that prompt a reply to `messages` (ending with a user turn), at most `room` of
+    them, and whether the conversation had to lose its start to fit. A chat model's template
+    drops whole turns, oldest first (system messages stay); a base model's transcript, after
+    optional solved `examples`, is cropped from the start."""
+    if template is not None:
+        sizes = {m: len(tokenizer.encode(m.content)) + 2 for m in messages}  # role token, text, <|end|>
+        fixed = 1 + (tokenizer.eot is not None)  # <|assistant|>, and end-of-text first
+        fitted = fit_turns(messages, room, sizes.__getitem__, fixed, reply=True)
+        if fitted is None:
+            least = fixed + sum(sizes[m] for m in messages if m.role == "system") + sizes[messages[-1]]
+            raise GptError(f"the system message and the last turn take {least} tokens, more than the {room} left for "
+                           "the prompt in the model's context; shorten them or lower max_new_tokens")
+        kept, dropped = fitted
+        return template.render(tokenizer, kept, reply=True)[0], dropped
+    prompt = transcript(messages)
+    if examples is not None:
+        prompt = few_shot_prompt(examples, prompt)
+    cropped = crop_to_context(prompt, tokenizer, room)
+    return prompt_ids(tokenizer, cropped), cropped != prompt
+
+
+def reply(model: GPT, tokenizer: Tokenizer, messages: list[Message], settings: SampleConfig,
+          template: ChatTemplate | None = None, examples: str | None = None) -> tuple[str, bool]:
+    """The model's reply to a conversation (ending with a user turn), through its chat template
+    or, for a base model, the transcript framing; and whether old turns were dropped to fit."""
+    settings = dataclasses.replace(settings, num_samples=1, stop=settings.stop + ([] if template else [CHAT_STOP]))
+    block_size = model.config.block_size
+    # Room for the reply; a reply longer than half the context slides the window over the prompt.
+    room = max(block_size - settings.max_new_tokens, block_size // 2)
+    ids, dropped = reply_prompt(tokenizer, messages, room, template, examples)
+    sample = generate(model, tokenizer, "", settings, prompt_tokens=ids,
+                      end_token=template.end if template else None)[0]
+    return sample.text.strip(), dropped
+
+
 def chat(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, turns: Iterable[str],
-         system: str | None = None, examples: str | None = None) -> Iterator[str]:
-    """Reply to each user turn in `turns` (blank ones are skipped) through a transcript that
-    keeps the whole conversation, cropped from the start when it outgrows the context."""
-    settings = dataclasses.replace(settings, stop=[*settings.stop, CHAT_STOP], num_samples=1)
-    history: list[tuple[str, str]] = []
+         system: str | None = None, examples: str | None = None, template: ChatTemplate | None = None,
+         on_drop: Callable[[], None] | None = None) -> Iterator[str]:
+    """Reply to each user turn in `turns` (blank ones are skipped), keeping the whole
+    conversation in the prompt; when it outgrows the context its oldest turns go (`on_drop` is
+    told the first time)."""
+    messages = [Message("system", system)] if system else []
+    told = False
     for user in turns:
         if not user.strip():
             continue
-        prompt = chat_prompt(system, history, user)
-        if examples is not None:
-            prompt = few_shot_prompt(examples, prompt)
-        prompt = crop_to_context(prompt, tokenizer, model.config.block_size - settings.max_new_tokens)
-        reply = generate(model, tokenizer, prompt, settings)[0].text.strip()
-        history.append((user, reply))
-        yield reply
+        messages.append(Message("user", user))
+        answer, dropped = reply(model, tokenizer, messages, settings, template, examples)
+        if dropped and not told and on_drop is not None:
+            on_drop()
+            told = True
+        messages.append(Message("assistant", answer))
+        yield answer

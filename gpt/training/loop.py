@@ -163,8 +163,8 @@ class TrainState:
         """Keep an evaluation's results; True when it is the best so far: the highest val
         accuracy of a task run, else the lowest val loss (train when there is no val split)."""
         self.losses, self.accuracy = evaluation.losses, evaluation.accuracy
-        if self.accuracy:
-            acc = self.accuracy.get("val", self.accuracy["train"])
+        acc = self.accuracy.get("val", self.accuracy.get("train"))  # a task's; chat's exact match is not it
+        if acc is not None:
             if self.best_val_acc is not None and acc <= self.best_val_acc:
                 return False
             self.best_val_acc = acc

@@ -17,13 +17,13 @@ from gpt.durable import save_png
 from gpt.errors import GptError
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
-           "eval_train_loss", "val_loss", "val_bpb", "train_acc", "val_acc"]
+           "eval_train_loss", "val_loss", "val_bpb", "train_acc", "val_acc", "exact_match"]
 
 
 @dataclass
 class Evaluation:
     """One evaluation during training: the mean loss per split and, for task runs, the accuracy
-    per split and per class (keys "val/LABEL")."""
+    per split and per class (keys "val/LABEL"); for chat runs with task.eval, "exact_match"."""
 
     losses: dict[str, float]
     accuracy: dict[str, float] = field(default_factory=dict)
@@ -32,7 +32,8 @@ class Evaluation:
     def row(self) -> dict[str, float | None]:
         """The metrics.csv columns it fills."""
         return {"eval_train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
-                "val_bpb": self.val_bpb, "train_acc": self.accuracy.get("train"), "val_acc": self.accuracy.get("val")}
+                "val_bpb": self.val_bpb, "train_acc": self.accuracy.get("train"), "val_acc": self.accuracy.get("val"),
+                "exact_match": self.accuracy.get("exact_match")}
 
 
 class MetricsLog:
@@ -136,6 +137,7 @@ class Progress:
                  f"train eval {row['eval_train_loss']:.4f}" if row.get("val_loss") is None
                  and row.get("eval_train_loss") is not None else None,
                  f"val acc {row['val_acc']:.3f}" if row.get("val_acc") is not None else None,
+                 f"exact match {row['exact_match']:.3f}" if row.get("exact_match") is not None else None,
                  f"lr {row['lr']:.2e}" if row.get("lr") is not None else None,
                  f"{row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else None,
                  f"{row['ms_per_iter']:.1f} ms/iter" if row.get("ms_per_iter") else None,

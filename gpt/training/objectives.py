@@ -15,6 +15,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from gpt.chat import CHAT_TOKENS, ChatTemplate, encode_conversations, read_chat_eval_file, read_chat_file
+from gpt.chat import collate as collate_chat
 from gpt.checkpoint import Checkpoint, assign_weights, split_head
 from gpt.config import Config, ModelConfig
 from gpt.convert import ImportedModel, read_model_source
@@ -22,8 +24,9 @@ from gpt.data.formats import DatasetMeta
 from gpt.data.shards import BatchSampler, Dataset, Sampler, load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
+from gpt.evaluation.chat import evaluate_chat
 from gpt.evaluation.perplexity import bits_per_byte
-from gpt.model import GPT
+from gpt.model import GPT, evaluating
 from gpt.supervised import BucketSampler, with_appended_rows
 from gpt.tasks.framing import NUM_SPECIAL, encode_items, task_sampler
 from gpt.tasks.items import label_names, read_task_file
@@ -83,12 +86,20 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
     return source
 
 
+def appended_tokens(config: Config) -> int:
+    """How many tokens a run appends after its tokenizer's vocabulary: GPT-1's start, delim and
+    extract for a task, the chat template's four for chat, none for a language model."""
+    return {None: 0, "chat": len(CHAT_TOKENS)}.get(config.task.kind, NUM_SPECIAL)
+
+
 def _grows_for_task(source: ModelConfig, config: Config) -> bool:
-    return config.task.kind is not None and source.vocab_size + NUM_SPECIAL == config.model.vocab_size
+    added = appended_tokens(config)
+    return added > 0 and source.vocab_size + added == config.model.vocab_size
 
 
 def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
-    """Copy a checked `check_init_from` source into a new model; a task head never carries over."""
+    """Copy a checked `check_init_from` source into a new model; a task head never carries over,
+    and appended tokens (task or chat) get fresh rows."""
     weights, _ = split_head(source.weights)
     if _grows_for_task(source.config, config):
         weights = with_appended_rows(weights, model)
@@ -220,12 +231,96 @@ class TaskFineTuning:
         return sum(math.ceil(len(examples) / self.config.train.batch_size) for examples in self.eval_sets.values())
 
 
+class ChatFineTuning:
+    """Chat fine-tuning (`gpt.chat`): conversations rendered with the chat template, the
+    next-token loss on what the assistant says (its turns and their closing `<|end|>`), averaged
+    over those tokens across the batch. Evaluations report that loss per split (train on a fixed
+    sample of at most eval_iters batches, val in full) and, with task.eval, the exact match of
+    greedy replies."""
+
+    def __init__(self, config: Config, tokenizer: TokenizerSpec):
+        task, self.text = config.task, tokenizer.build()
+        self.tokenizer, self.unit = tokenizer, "conversations"
+        self.template = ChatTemplate(self.text.vocab_size)
+        self.config = _resolve_task_config(config, None, self.text.vocab_size)
+        block_size = config.model.block_size
+        self.examples, self.counts = {}, {}
+        for split, path in (("train", task.train), ("val", task.val)):
+            if path is None:
+                continue
+            items = read_chat_file(path)
+            examples, skipped = encode_conversations(items, self.template, self.text, block_size,
+                                                     task.train_on_prompt)
+            if not examples:
+                raise GptError(f"{path}: none of its {len(items)} conversations fits model.block_size={block_size} "
+                               "even without its older turns; raise model.block_size or shorten them")
+            self.examples[split] = examples
+            self.counts[split] = (len(examples), sum(e.truncated for e in examples), skipped)
+        self.eval_items = read_chat_eval_file(task.eval) if task.eval else []
+        tc = config.train
+        order = np.random.default_rng([tc.seed, 1]).permutation(len(self.examples["train"]))
+        self.eval_sets = {"train": [self.examples["train"][i] for i in order[:tc.eval_iters * tc.batch_size]],
+                          **({"val": self.examples["val"]} if "val" in self.examples else {})}
+
+    def describe(self) -> str:
+        splits = "; ".join(f"{split} {kept:,} conversations ({truncated:,} lost old turns, {skipped:,} skipped: "
+                           "too long)" for split, (kept, truncated, skipped) in self.counts.items())
+        padding = self.sampler([self.config.train.seed, 0], distributed.Dist()).padding_share()
+        learned = "every token" if self.config.task.train_on_prompt else "the assistant turns"
+        return (f"chat: {splits}; the loss covers {learned}; padding {padding:.0%} of a batch's positions "
+                f"(conversations batched by length)")
+
+    def build_model(self, source: ImportedModel | None) -> tuple[GPT, None, GPT]:
+        model = GPT(self.config.model)
+        if source is not None:
+            init_weights(model, source, self.config)
+        return model, None, model
+
+    def sampler(self, seed: list[int], dist: distributed.Dist) -> BucketSampler:
+        # One seed for all ranks: each keeps its rows of the job's batch, as language modelling does.
+        examples = self.examples["train"]
+        return BucketSampler(examples, [len(e.ids) for e in examples], self.config.train.batch_size,
+                             collate_chat, [*seed, 0], dist.rank, dist.world_size)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, device: torch.device, autocast: Callable,
+                 dist: distributed.Dist) -> Evaluation:
+        # Every rank scores every conversation with the same weights, so they agree.
+        result = Evaluation(losses={})
+        with evaluating(model):
+            for split, examples in self.eval_sets.items():
+                result.losses[split] = self._mean_loss(model, examples, device, autocast)
+        if self.eval_items:
+            scored = evaluate_chat(model, self.text, self.eval_items, self.template, autocast=autocast)
+            result.accuracy["exact_match"] = scored.accuracy
+        return result
+
+    def _mean_loss(self, model: torch.nn.Module, examples: list, device: torch.device, autocast: Callable) -> float:
+        """Mean loss per learned token over `examples` (batches by length: less padding, same result)."""
+        by_length = sorted(examples, key=lambda e: len(e.ids))
+        total, count, size = 0.0, 0, self.config.train.batch_size
+        for start in range(0, len(by_length), size):
+            x, y = (t.to(device) for t in collate_chat(by_length[start:start + size]))
+            with autocast():
+                logits = model(x)[0]
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                                                       reduction="sum").item()
+            count += int((y != -1).sum())
+        return total / count
+
+    def eval_batches(self) -> int:
+        batches = sum(math.ceil(len(examples) / self.config.train.batch_size) for examples in self.eval_sets.values())
+        # A greedy reply costs about as much as a batch of forward passes per generated token.
+        return batches + len(self.eval_items) * 8
+
+
 def _resolve_task_config(config: Config, labels: list[str] | None, text_vocab: int) -> Config:
-    """Fill model.vocab_size (the tokenizer's plus the special tokens) and task.labels."""
-    vocab_size = text_vocab + NUM_SPECIAL
+    """Fill model.vocab_size (the tokenizer's plus the appended tokens) and task.labels."""
+    added = appended_tokens(config)
+    vocab_size = text_vocab + added
     if config.model.vocab_size not in (None, vocab_size):
-        raise GptError(f"model.vocab_size is {config.model.vocab_size} but a task run's is the tokenizer's "
-                       f"{text_vocab} plus {NUM_SPECIAL} special tokens; set model.vocab_size=null")
+        raise GptError(f"model.vocab_size is {config.model.vocab_size} but a {config.task.kind} run's is the "
+                       f"tokenizer's {text_vocab} plus {added} appended tokens; set model.vocab_size=null")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size),
                                task=dataclasses.replace(config.task, labels=labels))
 
@@ -246,6 +341,8 @@ def task_tokenizer(config: Config, checkpoint: Checkpoint | None) -> TokenizerSp
 def make_objective(config: Config, checkpoint: Checkpoint | None) -> Objective:
     if config.task.kind is None:
         return LanguageModelling(config)
+    if config.task.kind == "chat":
+        return ChatFineTuning(config, task_tokenizer(config, checkpoint))
     return TaskFineTuning(config, task_tokenizer(config, checkpoint))
 
 
