@@ -106,6 +106,14 @@ def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
     assign_weights(model, weights, config.train.init_from)
 
 
+def new_model(config: Config, source: ImportedModel | None) -> GPT:
+    """The GPT of `config`, with `source`'s weights when the run starts from another model."""
+    model = GPT(config.model)
+    if source is not None:
+        init_weights(model, source, config)
+    return model
+
+
 # ----------------------------------------------------------------------------- objectives
 
 class Objective(Protocol):
@@ -149,9 +157,7 @@ class LanguageModelling:
         return f"data: {self.dataset.folder}, {self.dataset.num_tokens('train'):,} train tokens"
 
     def build_model(self, source: ImportedModel | None) -> tuple[GPT, None, GPT]:
-        model = GPT(self.config.model)
-        if source is not None:
-            init_weights(model, source, self.config)
+        model = new_model(self.config, source)
         return model, None, model
 
     def sampler(self, seed: list[int], dist: distributed.Dist) -> BatchSampler:
@@ -205,10 +211,8 @@ class TaskFineTuning:
                 f"{self.config.model.block_size} are cropped, keeping the end of the first text")
 
     def build_model(self, source: ImportedModel | None) -> tuple[GPT, TaskHead, TaskModel]:
-        model = GPT(self.config.model)
+        model = new_model(self.config, source)
         head = make_head(self.config)
-        if source is not None:
-            init_weights(model, source, self.config)
         return model, head, TaskModel(model, head, self.config.task.lm_weight)
 
     def sampler(self, seed: list[int], dist: distributed.Dist) -> BucketSampler:
@@ -271,9 +275,7 @@ class ChatFineTuning:
                 f"(conversations batched by length)")
 
     def build_model(self, source: ImportedModel | None) -> tuple[GPT, None, GPT]:
-        model = GPT(self.config.model)
-        if source is not None:
-            init_weights(model, source, self.config)
+        model = new_model(self.config, source)
         return model, None, model
 
     def sampler(self, seed: list[int], dist: distributed.Dist) -> BucketSampler:
