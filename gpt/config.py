@@ -136,10 +136,11 @@ class TrainConfig:
     seed: int = option(1337, "seed for weights, data order and dropout")
     batch_size: int = option(64, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
-    max_iters: int = option(5000, "optimizer steps to train for")
+    max_iters: int = option(5000, "optimizer steps to train for (a train.max_minutes budget plans its own)")
     max_minutes: Optional[float] = option(
-        None, "wall-clock budget: after a short warm-up, lower max_iters (and so the LR schedule) to end within "
-        "it, evals and checkpoints included; the number chosen is kept for --resume; null disables")
+        None, "wall-clock budget: plan as many steps as fit (evals and checkpoints included) from timed steps, "
+        "and plan again as the step time drifts; the LR decay ends on the last step; train.max_iters does not "
+        "apply; --resume goes on with what is left; null disables")
     optimizer: Literal["adamw", "muon"] = option(
         "adamw", "adamw, or muon: torch.optim.Muon for the blocks' 2-D weights and AdamW for the rest")
     muon_lr: float = option(0.02, "peak learning rate of Muon's weights (train.optimizer=muon); the schedule "

@@ -18,7 +18,7 @@ from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import distributed, optim
-from gpt.training.loop import TrainState, accumulate_gradients, build_trainer, lr_at, train
+from gpt.training.loop import TrainState, accumulate_gradients, build_trainer, decay_progress, lr_at, train
 from gpt.training.metrics import Evaluation, Progress, read_metrics
 from gpt.training.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
 
@@ -28,7 +28,7 @@ def with_changes(config, *overrides):
 
 
 def test_lr_schedule_at_known_iterations():
-    schedule = [lr_at(it, 1.0, 0.1, 10, 110) for it in (0, 4, 9, 10, 60, 109, 110, 500)]
+    schedule = [lr_at(it, 1.0, 0.1, 10, decay_progress(it, 10, 110)) for it in (0, 4, 9, 10, 60, 109, 110, 500)]
     expected = [0.1, 0.5, 1.0, 1.0, 0.55, 0.1 + 0.45 * (1 + math.cos(math.pi * 99 / 100)), 0.1, 0.1]
     assert schedule == pytest.approx(expected)
 

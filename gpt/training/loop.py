@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -48,15 +49,27 @@ from gpt.training.optim import build_optimizer, set_lr
 
 # ----------------------------------------------------------------------------- optimisation
 
-def lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
-    """Learning rate for step `it` (0-based): linear warmup to `lr` over `warmup_iters` steps,
-    cosine decay to `min_lr` at `decay_iters`, then constant."""
+def lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, progress: float) -> float:
+    """Learning rate for step `it` (0-based): linear warmup to `lr` over `warmup_iters` steps, then a
+    cosine from `lr` at decay `progress` 0 to `min_lr` at 1."""
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
-    if it >= decay_iters:
-        return min_lr
-    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def decay_progress(it: int, warmup_iters: int, decay_iters: int) -> float:
+    """How far step `it` is through a decay of fixed length: from 0 after the warmup to 1 at `decay_iters`."""
+    if it >= decay_iters:
+        return 1.0
+    return (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+
+
+def scheduled_lr(it: int, tc: TrainConfig, budget: budgeting.Budget | None) -> float:
+    """Step `it`'s learning rate. A time budget plans the run's length, so it sets the decay's progress
+    (unless train.lr_decay_iters fixes the decay's length)."""
+    follows_plan = budget is not None and tc.lr_decay_iters is None
+    progress = budget.progress(it) if follows_plan else decay_progress(it, tc.warmup_iters, tc.decay_iters)
+    return lr_at(it, tc.lr, tc.min_lr, tc.warmup_iters, progress)
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
@@ -143,12 +156,12 @@ class TrainState:
     best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
-    budget_iters: int | None = None  # the max_iters that train.max_minutes chose (gpt.training.budget)
+    budget: dict[str, Any] | None = None  # a time budget's plan (gpt.training.budget.Budget.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
         return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "best_val_acc": self.best_val_acc,
-                "losses": dict(self.losses), "accuracy": dict(self.accuracy), "budget_iters": self.budget_iters}
+                "losses": dict(self.losses), "accuracy": dict(self.accuracy), "budget": self.budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
@@ -157,7 +170,7 @@ class TrainState:
         self.best_val_acc = state.get("best_val_acc")
         self.losses = dict(state.get("losses") or {})
         self.accuracy = dict(state.get("accuracy") or {})
-        self.budget_iters = state.get("budget_iters")
+        self.budget = state.get("budget")
 
     def record(self, evaluation: Evaluation) -> bool:
         """Keep an evaluation's results; True when it is the best so far: the highest val
@@ -248,6 +261,7 @@ class Trainer:
     dist: distributed.Dist
     parallel: str = "none"          # none | ddp | fsdp, as resolved for this job
     state: TrainState = dataclasses.field(default_factory=TrainState)
+    budget: budgeting.Budget | None = None  # train.max_minutes, once the loop has started
 
     @property
     def sharded(self) -> bool:
@@ -287,7 +301,8 @@ class Trainer:
         return distributed.full_state_dict(self.trained) if self.sharded else None
 
     def state_json(self) -> dict[str, Any]:
-        return {**self.state.state_dict(), "world_size": self.dist.world_size}
+        budget = {"budget": self.budget.state_dict()} if self.budget is not None else {}
+        return {**self.state.state_dict(), **budget, "world_size": self.dist.world_size}
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Optimizer, scaler, progress and (same world size) data position and RNG; the
@@ -412,9 +427,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, show
 
 def nothing_to_train(tc: TrainConfig, state: TrainState) -> str:
     """What to change when a resumed run is already at its last step (it then stops at once)."""
-    if tc.max_minutes and state.budget_iters is not None:
-        return (f"nothing to train: the run is at iteration {state.iter}, the number of steps its time budget "
-                f"(train.max_minutes={tc.max_minutes:g}) chose; add train.max_minutes=null and a higher "
+    if tc.max_minutes and (state.budget or {}).get("plan") is not None:
+        return (f"nothing to train: the run is at iteration {state.iter}, the last step its time budget "
+                f"(train.max_minutes={tc.max_minutes:g}) planned; add train.max_minutes=null and a higher "
                 "train.max_iters to train on")
     return (f"nothing to train: the run is already at iteration {state.iter} (train.max_iters={tc.max_iters}); "
             "pass a higher train.max_iters to train on")
@@ -446,12 +461,13 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
     flops_per_token = tr.model.flops_per_token()
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
-    budget = budgeting.Budget(tc.max_minutes, state.iter) if tc.max_minutes and state.budget_iters is None else None
+    budget = tr.budget = _start_budget(tr) if tc.max_minutes else None
+    end = budget.end if budget is not None else tc.max_iters  # a budget's plan, infinity until it has one
     with StopRequest() as stop:
         # Every rank must take the same number of steps, or one waits forever in a collective:
         # the stop request is agreed between ranks before each step.
-        while state.iter < tc.max_iters and not distributed.any_rank(stop.signum is not None, tr.dist, tr.device):
-            lr = lr_at(state.iter, tc.lr, tc.min_lr, tc.warmup_iters, tc.decay_iters)
+        while state.iter < end and not distributed.any_rank(stop.signum is not None, tr.dist, tr.device):
+            lr = scheduled_lr(state.iter, tc, budget)
             set_lr(tr.optimizer, lr)
             batches = tr.batches.next()
             loss = accumulate_gradients(tr.forward_model, batches, tr.autocast, tr.scaler)
@@ -460,16 +476,11 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
             step_tokens = sum(batch[0].numel() for batch in batches) * tr.dist.world_size
             state.iter += 1
             state.tokens += step_tokens
-            if budget is not None and budget.due(state.iter, lambda long_enough: distributed.any_rank(
-                    long_enough, tr.dist, tr.device)):
-                measuring = time.perf_counter()
-                tc = _spend_budget(tr, budget, batches[-1], progress)
-                budget = None
-                window_start += time.perf_counter() - measuring  # speed counts training steps only
+            last = state.iter == end  # a budget plans again only before its last step, never onto this one
             window_tokens += step_tokens
             window_iters += 1
             row: dict[str, Any] = {}
-            if state.iter % tc.log_interval == 0 or state.iter == tc.max_iters:
+            if state.iter % tc.log_interval == 0 or last:
                 row = {"loss": distributed.mean_across_ranks(loss, tr.dist), "lr": lr, "grad_norm": grad_norm.item()}
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
                 tok_s = window_tokens / elapsed
@@ -481,44 +492,68 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                                    "lower train.lr (and train.muon_lr), then resume from a checkpoint before it "
                                    "or start over")
             paused = time.perf_counter()
-            if state.iter % tc.eval_interval == 0 or state.iter == tc.max_iters:
-                evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
+            if budget is not None:
+                first = budget.plan is None
+                if budget.after_step(state.iter, functools.partial(_measure_events, tr, batches[-1])):
+                    end = budget.plan
+                    tc = _follow_plan(tr, budget, progress, first)
+            if state.iter % tc.eval_interval == 0 or last:
+                with _pausing(budget, "eval"):
+                    evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
+                    if state.record(evaluation) and tc.save_best:  # every rank: the evaluation agrees
+                        tr.save_best()
                 row.update(evaluation.row())
-                if state.record(evaluation) and tc.save_best:  # every rank: the evaluation agrees
-                    tr.save_best()
             if row and main:
                 metrics.write({"iter": state.iter, "tokens": state.tokens, **row})
                 progress.report(state.iter, row)
                 if "val_loss" in row or "eval_train_loss" in row:
                     metrics.plot()
             progress.advance(state.iter)
-            if state.iter % tc.ckpt_interval == 0 or state.iter == tc.max_iters:
-                tr.save()
+            if state.iter % tc.ckpt_interval == 0 or last:
+                with _pausing(budget, "ckpt"):
+                    tr.save()
             window_start += time.perf_counter() - paused  # speed counts training steps only
-        stopped = state.iter < tc.max_iters
+        stopped = state.iter < end
         if stopped:
             tr.save()
             if main:
                 print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
+        elif budget is not None and main:
+            print(budget.summary(state.iter))
         progress.close()
         return stop.exit_code or (130 if stopped else 0)
 
 
-def _spend_budget(tr: Trainer, budget: budgeting.Budget, batch: tuple[torch.Tensor, ...], progress: Progress
-                  ) -> TrainConfig:
-    """Fix max_iters from the costs measured now (gpt.training.budget); every rank takes rank 0's number,
-    or ranks would stop at different steps and wait for each other forever."""
-    tc, state = tr.config.train, tr.state
+def _start_budget(tr: Trainer) -> budgeting.Budget:
+    """The run's time budget (gpt.training.budget), from its checkpoint's plan when resumed. Every rank
+    takes rank 0's decisions, or ranks would stop at different steps and wait for each other forever."""
+    def synchronize() -> None:
+        if tr.device.type != "cpu":
+            torch.accelerator.synchronize(tr.device)
+
+    return budgeting.Budget(tr.config.train, tr.state.iter, tr.state.budget,
+                            share=lambda obj: distributed.gather_objects(obj, tr.dist)[0], sync=synchronize)
+
+
+def _measure_events(tr: Trainer, batch: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """Seconds an evaluation and a checkpoint of this run take, estimated for its budget's first plan."""
     checkpoint = {"model": tr.model.state_dict(), **{k: v.state_dict() for k, v in tr.shared_state().items()}}
-    costs = budget.measure(state.iter, budgeting.timed_forward(_unwrap_ddp(tr.forward_model), batch, tr.autocast),
-                           tr.objective.eval_batches(), checkpoint)
-    chosen = budget.decide(state.iter, tc.max_iters, costs, tc.eval_interval, tc.ckpt_interval)
-    state.budget_iters = distributed.gather_objects(chosen, tr.dist)[0]
-    tr.config = budgeting.with_max_iters(tr.config, state.budget_iters)
-    progress.set_total(state.budget_iters)
-    if tr.dist.is_main:
-        print(budgeting.describe(tc.max_minutes, state.budget_iters, tc.max_iters, costs))
+    forward = budgeting.timed_forward(_unwrap_ddp(tr.forward_model), batch, tr.autocast)
+    return budgeting.measure_events(forward, tr.objective.eval_batches(), checkpoint)
+
+
+def _follow_plan(tr: Trainer, budget: budgeting.Budget, progress: Progress, first: bool) -> TrainConfig:
+    """The run's max_iters (in checkpoints' config and the progress bar) is its budget's plan."""
+    tr.config = budgeting.with_max_iters(tr.config, budget.plan)
+    progress.set_total(budget.plan)
+    if first and tr.dist.is_main:
+        print(budget.describe())
     return tr.config.train
+
+
+def _pausing(budget: budgeting.Budget | None, kind: str) -> contextlib.AbstractContextManager:
+    """An evaluation or checkpoint, timed for the budget (when there is one) as not training time."""
+    return budget.pausing(kind) if budget is not None else contextlib.nullcontext()
 
 
 def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
