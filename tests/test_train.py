@@ -412,6 +412,36 @@ def test_mfu_is_filled_on_a_cpu_from_the_measured_matmul_peak(char_data, tmp_pat
     assert all(0 < float(r["mfu"]) < 1 for r in rows)
 
 
+def test_the_cpu_peak_is_measured_in_the_dtype_the_run_computes_in(monkeypatch):
+    """A native-bf16 CPU multiplies bf16 ~3x faster than fp32: a fp32 peak made a bf16 run's
+    MFU read over 100%."""
+    from gpt.device import peak_flops
+    seen, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.append((a.dtype, b.dtype)) or mm(a, b))
+    assert peak_flops(None, torch.device("cpu"), ((8, 16, 24), (24, 8, 16)), torch.bfloat16, fresh=True) > 0
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_an_impossible_mfu_measures_the_peak_again_then_is_left_out_with_a_reason(capsys):
+    from gpt.training.metrics import Mfu
+    peaks = iter([1000.0, 10.0])
+    mfu = Mfu(flops_per_token=2.0, peak=100.0, configured=False, remeasure=lambda: next(peaks))
+    assert mfu(10.0) == pytest.approx(0.2)
+    assert mfu(100.0) == pytest.approx(0.2)  # 200% against 100 FLOP/s: measured again, 1000
+    assert "measured again: 1e+03 FLOP/s" in capsys.readouterr().err
+    assert mfu(1000.0) is None and mfu(1.0) is None  # no third measurement; left out from then on
+    err = capsys.readouterr().err
+    assert "MFU came out at 200%, over 100%" in err and "not reported" in err and len(err.splitlines()) == 1
+
+
+def test_a_given_peak_below_the_real_speed_leaves_mfu_out_with_one_line(char_data, tmp_path, capsys):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=3, eval_interval=100, peak_flops=1.0))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["loss"]]
+    assert len(rows) == 3 and not any(r["mfu"] for r in rows)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "MFU" in line]
+    assert len(warnings) == 1 and "train.peak_flops is below what this device reaches" in warnings[0]
+
+
 def test_measuring_the_matmul_peak_leaves_the_global_random_state_alone():
     from gpt.device import measured_matmul_flops
     before = torch.get_rng_state()

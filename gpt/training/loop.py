@@ -42,7 +42,7 @@ from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import budget as budgeting
 from gpt.training import distributed
-from gpt.training.metrics import Evaluation, MetricsLog, Progress
+from gpt.training.metrics import Evaluation, MetricsLog, Mfu, Progress
 from gpt.training.objectives import Objective, check_init_from, make_objective, shape_differences
 from gpt.training.optim import build_optimizer, set_lr
 
@@ -247,6 +247,7 @@ class Trainer:
     autocast: Callable
     dist: distributed.Dist
     parallel: str = "none"          # none | ddp | fsdp, as resolved for this job
+    dtype: torch.dtype = torch.float32  # what matmuls compute in (autocast's dtype)
     state: TrainState = dataclasses.field(default_factory=TrainState)
 
     @property
@@ -376,7 +377,8 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     batches = DeviceBatches(objective.sampler([tc.seed, 0], dist), tc.grad_accum, device)
     trainer = Trainer(config=config, run=run, objective=objective, model=model, head=head, trained=trained,
                       forward_model=forward_model, optimizer=optimizer, scaler=scaler, batches=batches,
-                      device=device, autocast=autocast_for(device, dtype), dist=dist, parallel=parallel)
+                      device=device, autocast=autocast_for(device, dtype), dist=dist, parallel=parallel,
+                      dtype=dtype)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     return trainer, checkpoint
@@ -440,10 +442,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
                   "tok/s below counts the whole job")
-    matmul_rows = tc.batch_size * tr.config.model.block_size
-    # One device's peak; tokens/s counts every rank, so MFU divides by peak x world size.
-    peak = peak_flops(tc.peak_flops, tr.device, training_matmul_shapes(tr.trained, matmul_rows))
-    flops_per_token = tr.model.flops_per_token()
+    mfu = _mfu(tr)
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
     budget = budgeting.Budget(tc.max_minutes, state.iter) if tc.max_minutes and state.budget_iters is None else None
@@ -473,8 +472,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                 row = {"loss": distributed.mean_across_ranks(loss, tr.dist), "lr": lr, "grad_norm": grad_norm.item()}
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
                 tok_s = window_tokens / elapsed
-                row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
-                           mfu=flops_per_token * tok_s / (peak * tr.dist.world_size) if peak else None)
+                row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters, mfu=mfu(tok_s))
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
                 if not math.isfinite(row["loss"]) and tr.scaler is None:  # fp16's scaler skips such steps itself
                     raise GptError(f"the training loss is {row['loss']} at iter {state.iter}: the run diverged; "
@@ -502,6 +500,20 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                 print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
         progress.close()
         return stop.exit_code or (130 if stopped else 0)
+
+
+def _mfu(tr: Trainer) -> Mfu:
+    """MFU against one device's peak times the world size (tokens/s counts every rank)."""
+    tc = tr.config.train
+    shapes = training_matmul_shapes(tr.trained, tc.batch_size * tr.config.model.block_size)
+
+    def peak(fresh: bool = False) -> float | None:
+        one = peak_flops(tc.peak_flops, tr.device, shapes, tr.dtype, fresh)
+        return one * tr.dist.world_size if one else None
+
+    measured = tc.peak_flops is None and tr.device.type == "cpu"
+    return Mfu(tr.model.flops_per_token(), peak(), configured=tc.peak_flops is not None,
+               remeasure=(lambda: peak(fresh=True)) if measured else None, enabled=tr.dist.is_main)
 
 
 def _spend_budget(tr: Trainer, budget: budgeting.Budget, batch: tuple[torch.Tensor, ...], progress: Progress
