@@ -33,6 +33,15 @@ def test_lr_schedule_at_known_iterations():
     assert schedule == pytest.approx(expected)
 
 
+def test_a_run_shorter_than_its_warmup_says_what_its_schedule_becomes(char_data, tmp_path, capsys):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=2, warmup_iters=8, eval_interval=100))
+    out = capsys.readouterr().out
+    assert ("train.warmup_iters=8 is not below train.max_iters=2: the learning rate only warms up, to 25% of "
+            "train.lr at the last step, and never decays") in out
+    train(tiny_config(char_data, tmp_path / "full", max_iters=3, warmup_iters=2, eval_interval=100))
+    assert "warms up" not in capsys.readouterr().out
+
+
 def test_grad_accumulation_matches_one_big_batch():
     torch.manual_seed(0)
     config = build_config({"model": {"preset": "tiny", "vocab_size": 40, "block_size": 16}}).model

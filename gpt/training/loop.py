@@ -59,6 +59,17 @@ def lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def schedule_note(tc: TrainConfig) -> str | None:
+    """What the schedule becomes when the run ends before its warmup does: allowed (short
+    trials and tests stop early on purpose), but said, since the rate then never decays."""
+    if tc.warmup_iters < tc.max_iters:
+        return None
+    top = lr_at(tc.max_iters - 1, 1.0, 0.0, tc.warmup_iters, tc.decay_iters)
+    return (f"note: train.warmup_iters={tc.warmup_iters} is not below train.max_iters={tc.max_iters}: the learning "
+            f"rate only warms up, to {top:.0%} of train.lr at the last step, and never decays; lower "
+            "train.warmup_iters for a full schedule")
+
+
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
                          autocast: Callable, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over micro-batches, gradients summed as if they were one batch.
@@ -438,6 +449,8 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
         if resumed and state.iter >= tc.max_iters:
             print(nothing_to_train(tc, state))
+        elif note := schedule_note(tc):
+            print(note)
         if tr.parallel != "none":
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
@@ -530,6 +543,8 @@ def _spend_budget(tr: Trainer, budget: budgeting.Budget, batch: tuple[torch.Tens
     progress.set_total(state.budget_iters)
     if tr.dist.is_main:
         print(budgeting.describe(tc.max_minutes, state.budget_iters, tc.max_iters, costs))
+        if note := schedule_note(tr.config.train):
+            print(note)
     return tr.config.train
 
 
