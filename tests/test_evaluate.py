@@ -199,8 +199,9 @@ def test_dataset_split_is_scored_whole_and_matches_its_text(char_data):
 def test_char_not_in_vocab_names_the_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abz")
-    with pytest.raises(GptError, match=r"t\.txt: character 'z'"):
+    with pytest.raises(GptError, match=r"t\.txt: character 'z'") as error:
         evaluate_lm(tiny(vocab=3), TokenizerSpec("char", "abc"), path)
+    assert str(error.value).endswith(f"remove it from {path}, or evaluate a model whose data had it")  # no prompt
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -326,8 +327,9 @@ def test_malformed_task_lines_give_one_line_naming_the_line_number(tmp_path, lin
 def test_char_missing_from_the_vocabulary_names_the_task_line(tmp_path):
     task = write_task(tmp_path / "t.jsonl", [{"context": "ab\n", "choices": ["ba", "ab"], "label": 0},
                                              {"context": "ab\n", "choices": ["ba", "az"], "label": 0}])
-    with pytest.raises(GptError, match=r"t\.jsonl:2: character 'z'"):
+    with pytest.raises(GptError, match=r"t\.jsonl:2: character 'z'") as error:
         evaluate_task(tiny(vocab=3), CharTokenizer("ab\n"), task)
+    assert "prompt" not in str(error.value) and "remove it from that item" in str(error.value)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -325,7 +325,10 @@ def test_inspection_verbs_have_help(cli, verb, expected):
     (["embed", "{run}", "e", "--plot", "-o", "{tmp}/e.png"], "give one of WORD"),
     (["embed", "{run}"], "give one of WORD"),
     (["embed", "{run}", "--plot"], "--plot needs -o FILE.png"),
-    (["embed", "{run}", "--analogy", "a - e + %"], "'%' (U+0025) is not in this model's char vocabulary"),
+    (["embed", "{run}", "--analogy", "a - e + %"], "'%' (U+0025) is not in this char vocabulary; give a word of "
+                                                   "characters it has"),
+    (["tokenize", "--checkpoint", "{run}", "caf\u00e9"], "character '\u00e9' (U+00E9) is not in this char vocabulary; "
+                                                        "remove it from the text, or use --tokenizer byte or gpt2"),
     (["next", "{run}", "hi", "--top", "0"], "--top must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, run, tmp_path, args, message):

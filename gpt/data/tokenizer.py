@@ -154,9 +154,7 @@ class CharTokenizer(Tokenizer):
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
         unknown = self._codepoints[ids_clipped] != points
         if unknown.any():
-            char = chr(points[np.argmax(unknown)])
-            raise GptError(f"character {char!r} (U+{ord(char):04X}) is not in this model's char "
-                           "vocabulary; remove it from the prompt or prepare the data with it")
+            raise UnknownCharacter(chr(points[np.argmax(unknown)]))
         return ids.astype(np.int64)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
@@ -168,6 +166,16 @@ class CharTokenizer(Tokenizer):
     @property
     def spec(self) -> TokenizerSpec:
         return TokenizerSpec(self.name, self.vocab)
+
+
+class UnknownCharacter(GptError):
+    """A character outside a char vocabulary. The message fits a prompt; where the text came
+    from elsewhere (a file, a task item, `gpt tokenize`), the caller names what to change there."""
+
+    def __init__(self, char: str) -> None:
+        self.char = char
+        self.problem = f"character {char!r} (U+{ord(char):04X}) is not in this model's char vocabulary"
+        super().__init__(f"{self.problem}; remove it from the prompt or prepare the data with it")
 
 
 class ByteTokenizer(Tokenizer):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt.data.shards import load_dataset
-from gpt.data.tokenizer import Tokenizer, TokenizerSpec
+from gpt.data.tokenizer import Tokenizer, TokenizerSpec, UnknownCharacter
 from gpt.errors import GptError
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -178,8 +178,9 @@ def text_file_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
         raise GptError(f"cannot read {path} ({reason}); give a UTF-8 text file or a dataset folder") from None
     try:
         ids = tokenizer.encode_array(text)
-    except GptError as exc:
-        raise GptError(f"{path}: {exc}") from None
+    except UnknownCharacter as exc:
+        raise GptError(f"{path}: {exc.problem}; remove it from {path}, or evaluate a model whose data had it") \
+            from None
     return ids if tokenizer.eot is None else np.concatenate([[tokenizer.eot], ids])
 
 
