@@ -341,7 +341,9 @@ def training_data(tokenizer: Tokenizer, data_dir: str | None, why: str = "--data
 
     dataset = load_dataset(data_dir)
     if dataset.tokenizer.spec != tokenizer.spec:
-        raise GptError(f"{data_dir} was made with another tokenizer than the model's; give --data with the right data")
+        raise GptError(f"{data_dir} does not fit the model: "
+                       f"{dataset.tokenizer.spec.difference(tokenizer.spec, 'the data', 'the model')}; "
+                       "give --data with the data the model was trained on")
     return dataset
 
 

@@ -192,8 +192,13 @@ def test_dataset_split_is_scored_whole_and_matches_its_text(char_data):
     assert result.text_bytes == len(dataset.tokenizer.decode(tokens[1:].tolist()).encode())
     with pytest.raises(GptError, match="no 'test' split"):
         evaluate_lm(model, dataset.meta.tokenizer, char_data, split="test")
-    with pytest.raises(GptError, match="prepared with the char tokenizer"):
+    with pytest.raises(GptError, match="the data uses the char tokenizer, the checkpoint the byte one"):
         evaluate_lm(model, TokenizerSpec("byte"), char_data)
+    other_chars = TokenizerSpec("char", dataset.meta.tokenizer.vocab.replace("a", "") + "\u00e9")
+    with pytest.raises(GptError, match=r"different char vocabularies .* the data has 1 character \('a'\) that the "
+                                       r"checkpoint lacks; the checkpoint has 1 character \('\u00e9'\) that the data "
+                                       r"lacks; .* give the text file itself \(--data FILE\)"):
+        evaluate_lm(model, other_chars, char_data)
 
 
 def test_char_not_in_vocab_names_the_file(tmp_path):
