@@ -196,8 +196,25 @@ def test_a_run_whose_loss_turns_nan_stops_and_a_nan_loss_is_never_best(char_data
         train(config)
     state = TrainState()
     assert state.record(Evaluation(losses={"val": 2.0}))
-    assert not state.record(Evaluation(losses={"val": math.nan})) and state.best_val_loss == 2.0
-    assert state.record(Evaluation(losses={"val": 1.5})) and state.best_val_loss == 1.5
+    assert not state.record(Evaluation(losses={"val": math.nan})) and state.best_loss == 2.0
+    assert state.record(Evaluation(losses={"val": 1.5})) and state.best_loss == 1.5
+
+
+def test_without_a_val_split_state_json_names_the_best_loss_for_the_train_split():
+    state = TrainState()
+    assert state.record(Evaluation(losses={"train": 2.0}))
+    saved = state.state_dict()
+    assert saved["best_train_loss"] == 2.0 and "best_val_loss" not in saved
+    again = TrainState()
+    again.load_state_dict(saved)
+    assert (again.best_loss, again.best_split) == (2.0, "train")
+    assert not again.record(Evaluation(losses={"train": 2.5})) and again.record(Evaluation(losses={"train": 1.0}))
+    with_val = TrainState()
+    with_val.record(Evaluation(losses={"train": 2.0, "val": 3.0}))
+    assert with_val.state_dict()["best_val_loss"] == 3.0 and "best_train_loss" not in with_val.state_dict()
+    older = TrainState()  # a checkpoint written before the split was named still loads
+    older.load_state_dict({"iter": 3, "tokens": 96, "best_val_loss": 1.25})
+    assert (older.best_loss, older.best_split, older.iter) == (1.25, "val", 3)
 
 
 def test_an_evaluation_without_a_val_split_logs_the_train_loss(capsys):

@@ -150,21 +150,26 @@ class TrainState:
 
     iter: int = 0
     tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
-    best_val_loss: float = math.inf
+    best_loss: float = math.inf
+    best_split: str = "val"  # the split best_loss was evaluated on: train when the data has no val split
     best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
     budget_iters: int | None = None  # the max_iters that train.max_minutes chose (gpt.training.budget)
 
     def state_dict(self) -> dict[str, Any]:
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "best_val_acc": self.best_val_acc,
-                "losses": dict(self.losses), "accuracy": dict(self.accuracy), "budget_iters": self.budget_iters}
+        """state.json names the best loss for its split: best_val_loss, or best_train_loss."""
+        best = self.best_loss if math.isfinite(self.best_loss) else None
+        return {"iter": self.iter, "tokens": self.tokens, f"best_{self.best_split}_loss": best,
+                "best_val_acc": self.best_val_acc, "losses": dict(self.losses), "accuracy": dict(self.accuracy),
+                "budget_iters": self.budget_iters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
-        best = state.get("best_val_loss")
-        self.best_val_loss = math.inf if best is None else float(best)
+        # Before the split was named, a run without val data wrote its train loss as best_val_loss.
+        self.best_split = "train" if "best_train_loss" in state else "val"
+        best = state.get(f"best_{self.best_split}_loss")
+        self.best_loss = math.inf if best is None else float(best)
         self.best_val_acc = state.get("best_val_acc")
         self.losses = dict(state.get("losses") or {})
         self.accuracy = dict(state.get("accuracy") or {})
@@ -180,10 +185,11 @@ class TrainState:
                 return False
             self.best_val_acc = acc
             return True
-        score = self.losses.get("val", self.losses.get("train"))
-        if score is None or not math.isfinite(score) or score >= self.best_val_loss:  # a diverged run is no best
+        split = "val" if "val" in self.losses else "train"
+        score = self.losses.get(split)
+        if score is None or not math.isfinite(score) or score >= self.best_loss:  # a diverged run is no best
             return False
-        self.best_val_loss = score
+        self.best_loss, self.best_split = score, split
         return True
 
 
