@@ -331,6 +331,23 @@ def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
         assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
 
 
+def test_a_run_stopped_before_its_first_evaluation_draws_its_training_loss(char_data, tmp_path, monkeypatch):
+    from gpt.training import loop
+    step, steps = loop.optimizer_step, []
+
+    def step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            signal.raise_signal(signal.SIGINT)  # the loop finishes this step, saves and stops
+        return step(*args)
+
+    monkeypatch.setattr(loop, "optimizer_step", step_then_ctrl_c)
+    assert train(tiny_config(char_data, tmp_path / "run", max_iters=50, eval_interval=40, ckpt_interval=40)) == 130
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 3 and not any(r["val_loss"] for r in rows)  # stopped at iter 3, before evaluating
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
     config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)

@@ -516,6 +516,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
         if stopped:
             tr.save()
             if main:
+                metrics.plot()  # a run stopped before its first evaluation has drawn nothing yet
                 print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
         progress.close()
         return stop.exit_code or (130 if stopped else 0)

@@ -98,7 +98,9 @@ def _tensorboard_writer(folder: Path):
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
-    """Draw train and val loss against iterations (nothing when matplotlib is not installed)."""
+    """Draw the training loss of each logged step and the evaluations' train and val losses
+    against iterations (before the first evaluation, the training loss alone). Nothing when
+    no loss is logged yet or matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -106,12 +108,15 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     except ImportError:
         return
     rows = read_metrics(csv_path)
+    curves = {label: [(int(r["iter"]), float(r[column])) for r in rows if r.get(column)]
+              for column, label in (("loss", "train (step)"), ("eval_train_loss", "train (eval)"), ("val_loss", "val"))}
+    if not any(curves.values()):
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for column, label in (("loss", "train (step)"), ("eval_train_loss", "train (eval)"), ("val_loss", "val")):
-        points = [(int(r["iter"]), float(r[column])) for r in rows if r.get(column)]
+    for label, points in curves.items():
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if column != "loss" else None,
-                    alpha=0.4 if column == "loss" else 1.0)
+            step = label == "train (step)"
+            ax.plot(*zip(*points), label=label, marker=None if step else "o", alpha=0.4 if step else 1.0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
