@@ -59,7 +59,7 @@ class Checkpoint:
     path: Path
     config: Config
     tokenizer_spec: TokenizerSpec
-    state: dict[str, Any]  # state.json: iter, tokens, best_val_loss, losses, world_size
+    state: dict[str, Any]  # state.json: iter, tokens, best_val_loss (best_train_loss without val data), losses
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -181,6 +181,10 @@ class TrainConfig:
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
         _require(self.lr_decay_iters is None or self.lr_decay_iters >= 1,
                  f"train.lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
+        _require(self.lr_decay_iters is None or self.warmup_iters == 0 or self.lr_decay_iters > self.warmup_iters,
+                 f"train.lr_decay_iters={self.lr_decay_iters} ends the cosine decay before train.warmup_iters="
+                 f"{self.warmup_iters} ends the warmup (the rate would jump from train.lr to train.min_lr); "
+                 "make train.lr_decay_iters larger or train.warmup_iters smaller")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -126,7 +126,8 @@ def _from_gpt2_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, co
 
 def _to_gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under Hugging Face GPT2LMHeadModel's names, projections as Conv1D. GPT-2
-    always has biases: a model without them gets zero biases, which change nothing."""
+    always has biases: a model without them gets zero biases, which change nothing (and
+    config.json says `"bias": false`, so that importing gives the bias-free model back)."""
     state = model.state_dict()
     tensors = {}
     for ours, (theirs, projection) in _gpt2_names(model.config).items():
@@ -147,6 +148,8 @@ def read_hf(folder: str | Path) -> ImportedModel:
     config = _config_from_hf(hf, folder / "config.json")
     weights_file, tensors = _read_hf_weights(folder)
     weights = _from_gpt2_tensors(tensors, config, conv1d=True, source=str(weights_file))
+    if hf.get("bias") is False:
+        weights, config = _without_zero_biases(weights, config)
     sidecar = folder / TOKENIZER_SIDECAR
     spec = (TokenizerSpec.from_json(_read_json(sidecar, "our tokenizer description"), str(sidecar))
             if sidecar.is_file() else TokenizerSpec("gpt2"))
@@ -155,6 +158,18 @@ def read_hf(folder: str | Path) -> ImportedModel:
         raise GptError(f"{folder}: vocab_size {config.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                        f"{tokenizer.vocab_size}; the model cannot read that tokenizer's ids")
     return ImportedModel(config, spec, weights, {"iter": 0, "tokens": 0, "converted_from": str(folder)})
+
+
+def _without_zero_biases(weights: dict[str, torch.Tensor], config: ModelConfig
+                         ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """A model we exported without biases (config.json `"bias": false`) comes back without
+    them, so that it matches its original config (init_from, resume). Biases that are no longer
+    all zero (trained in transformers since) are kept: dropping them would change the model."""
+    biases = [name for name in weights if name.endswith(".bias")]
+    if any(weights[name].count_nonzero() for name in biases):
+        return weights, config
+    kept = {name: tensor for name, tensor in weights.items() if name not in biases}
+    return kept, dataclasses.replace(config, bias=False)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -383,6 +398,18 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
     return model
 
 
+def left_out_of_export(checkpoint_path: str | Path) -> str | None:
+    """What an export to Hugging Face GPT-2 drops: a GPT-1 task run's head, which GPT-2 has no
+    place for (the folder then holds the language model the head sits on)."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    kind = checkpoint.config.task.kind
+    if kind in (None, "chat"):
+        return None
+    return (f"note: {checkpoint.path} is a {kind} task model: Hugging Face GPT-2 has no place for its task head, "
+            "so the export holds its language model only (the head is left out; the vocabulary keeps the task's "
+            f"special tokens); classify with gpt classify {checkpoint.path}")
+
+
 def _hf_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
     attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
@@ -390,7 +417,8 @@ def _hf_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
             "n_head": config.n_head, "n_inner": None, "activation_function": EXPORT_ACTIVATIONS[config.activation],
             "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
             "attn_pdrop": attn_dropout, "initializer_range": 0.02, "scale_attn_weights": True,
-            "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot}
+            "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
+            **({} if config.bias else {"bias": False})}
 
 
 def gpt2_tokenizer_files() -> dict[str, str]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt.data.tokenizer import EOT_TEXT, Tokenizer, make_tokenizer
+from gpt.data.tokenizer import EOT_TEXT, Tokenizer, UnknownCharacter, make_tokenizer
 from gpt.durable import save_png
 from gpt.errors import GptError
 from gpt.inference.sample import prompt_ids, sampling_probs
@@ -86,10 +86,20 @@ class Tokens:
         return sum(len(piece) for piece in self.pieces)
 
 
+def _encode(tokenizer: Tokenizer, text: str, fix: str) -> list[int]:
+    """The ids of `text`; a character outside a char vocabulary (of a model, or of data that
+    `gpt tokenize --data` names) is reported with `fix`, the change that helps there."""
+    try:
+        return tokenizer.encode(text)
+    except UnknownCharacter as exc:
+        raise GptError(f"character {exc.char!r} (U+{ord(exc.char):04X}) is not in this char vocabulary; {fix}") \
+            from None
+
+
 def tokenize(tokenizer: Tokenizer, text: str) -> Tokens:
     if not text:
         raise GptError("the text is empty; give some text to cut into tokens")
-    ids = tokenizer.encode(text)
+    ids = _encode(tokenizer, text, "remove it from the text, or use --tokenizer byte or gpt2, which cut any text")
     return Tokens(tokenizer=tokenizer.name, ids=ids, pieces=[token_piece(tokenizer, i) for i in ids])
 
 
@@ -264,7 +274,7 @@ def single_token(tokenizer: Tokenizer, word: str) -> int:
     """The id of `word`, which must be exactly one token."""
     if not word:
         raise GptError("the word is empty; give one token, e.g. ' king' (GPT-2 words start with a space)")
-    ids = tokenizer.encode(word)
+    ids = _encode(tokenizer, word, "give a word of characters it has")
     if len(ids) != 1:
         split = " + ".join(token_literal(token_piece(tokenizer, i)) for i in ids)
         raise GptError(f"{word!r} is {len(ids)} tokens ({split}), not one; give a single token such as "
@@ -331,7 +341,9 @@ def training_data(tokenizer: Tokenizer, data_dir: str | None, why: str = "--data
 
     dataset = load_dataset(data_dir)
     if dataset.tokenizer.spec != tokenizer.spec:
-        raise GptError(f"{data_dir} was made with another tokenizer than the model's; give --data with the right data")
+        raise GptError(f"{data_dir} does not fit the model: "
+                       f"{dataset.tokenizer.spec.difference(tokenizer.spec, 'the data', 'the model')}; "
+                       "give --data with the data the model was trained on")
     return dataset
 
 

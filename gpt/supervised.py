@@ -18,7 +18,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 import numpy as np
 import torch
 
-from gpt.data.tokenizer import Tokenizer
+from gpt.data.tokenizer import Tokenizer, UnknownCharacter
 from gpt.errors import GptError
 from gpt.model import GPT
 
@@ -68,8 +68,9 @@ def encode_text(tokenizer: Tokenizer, text: str, where: str) -> list[int]:
     """The ids of `text` as plain text; a character the tokenizer lacks is reported at `where`."""
     try:
         return tokenizer.encode(text)
-    except GptError as exc:
-        raise GptError(f"{where}: {exc}") from None
+    except UnknownCharacter as exc:
+        raise GptError(f"{where}: {exc.problem}; remove it from that item, or use a model whose data had it") \
+            from None
 
 
 class BucketSampler(Generic[Example]):

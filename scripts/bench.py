@@ -8,7 +8,8 @@
   interleaved and repeated on the same random batches, median ratio. Achieved FLOP/s counts
   6 N + 12 n_layer n_embd block_size per token (N: weights without position embeddings,
   the PaLM formula of `GPT.flops_per_token`) and is divided by torch.mm's FLOP/s measured here
-  at the model's own matmul shapes (`gpt.device.measured_matmul_flops`).
+  at the model's own matmul shapes, in the dtype the step computes in
+  (`gpt.device.measured_matmul_flops`).
 - sample: greedy decoding tokens/s at batch 1 and 8 (one shared prefill), beside the
   memory-bandwidth bound (bytes of the weights read per step / measured copy bandwidth) and,
   when transformers is installed, its `generate` with its KV cache on the same weights.
@@ -182,7 +183,7 @@ def bench_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
     tok_s = tokens / timing["ours_s"]
     loader_s = loader_seconds(config.block_size, batch, args.budget_s)
     flops = model.flops_per_token() * tok_s
-    matmul = measured_matmul_flops(training_matmul_shapes(model, tokens))
+    matmul = measured_matmul_flops(training_matmul_shapes(model, tokens), pick_dtype("auto", device))
     return {"model": name, "params": model.num_params(), "batch": batch, "block_size": config.block_size,
             "ms_per_iter": 1000 * timing["ours_s"], "ref_ms_per_iter": 1000 * timing["theirs_s"],
             "tok_per_s": tok_s, "ref_tok_per_s": tokens / timing["theirs_s"], "speedup": timing["speedup"],

@@ -25,6 +25,7 @@ def world(tmp_path_factory) -> Path:
     (root / "good.txt").write_text("To be, or not to be, that is the question.\n" * 200)
     (root / "bad_utf8.txt").write_bytes(b"fine start \xff\xfe broken\n")
     (root / "empty.txt").write_text("")
+    (root / "zebra.txt").write_text("To be a Zebra.\n")
     (root / "md_only").mkdir()
     (root / "md_only" / "notes.md").write_text("# notes\n")
     (root / "not_json.jsonl").write_text('{"text": "ok"}\nnot json\n')
@@ -152,7 +153,7 @@ CASES = [
     ("train-resume-a-checkpoint", ["train", "--resume", "{w}/run/ckpt_000002"], "--resume takes the run folder"),
     ("train-malicious-pickle", ["train", "--resume", "@pickle"], "refused: not a safe checkpoint file"),
     ("train-init-from-other-vocabulary", ["train", "{w}/init_other_vocab.yaml"],
-     "tokenizer differs from the data's char; prepare the data with the checkpoint's tokenizer"),
+     "the checkpoint and the data have different char vocabularies (17 and 7 characters): the checkpoint has 11"),
     ("train-peak-flops", ["train", "{w}/good.yaml", "train.peak_flops=-5"], "train.peak_flops must be positive"),
     ("train-init-from-missing", ["train", "{w}/init_missing.yaml"], "checkpoint not found"),
     # sample and chat
@@ -199,12 +200,16 @@ CASES = [
      "dtype float16 needs a CUDA device"),
     ("eval-stride", ["eval", "{w}/run", "--data", "{w}/data", "--stride", "0"], "--stride must be between"),
     ("eval-other-tokenizer", ["eval", "{w}/run", "--data", "{w}/bad_utf8.txt"], "bad_utf8.txt"),
+    ("eval-char-outside-vocab", ["eval", "{w}/run", "--data", "{w}/zebra.txt"],
+     "zebra.txt: character 'Z' (U+005A) is not in this model's char vocabulary; remove it from"),
     # classify
     ("classify-no-head", ["classify", "{w}/run", "--text", "hello"], "has no task head"),
     ("classify-missing", ["classify", "{w}/nowhere", "--text", "hello"], "checkpoint not found"),
     # look inside
     ("tokenize-empty", ["tokenize", ""], "the text is empty"),
     ("tokenize-two-sources", ["tokenize", "--tokenizer", "gpt2", "--data", "{w}/data", "hi"], "give only one of"),
+    ("tokenize-char-outside-vocab", ["tokenize", "--data", "{w}/data", "Zebra"],
+     "not in this char vocabulary; remove it from the text, or use --tokenizer byte or gpt2"),
     ("next-missing", ["next", "{w}/nowhere", "To be"], "checkpoint not found"),
     ("next-top-p", ["next", "{w}/run", "To be", "--top-p", "2"], "top_p must be in (0, 1]"),
     ("attention-layer", ["attention", "{w}/run", "To be", "--layer", "9", "-o", "{t}/a.png"], "--layer 9 does not"),

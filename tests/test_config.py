@@ -71,6 +71,8 @@ def test_unknown_keys_get_a_suggestion(override, hint):
     ("train.muon_lr=0", "train.muon_lr must be positive"),
     ("model.logit_softcap=-5", "model.logit_softcap must be positive or null"),
     ("model.activation=swish", "choose one of gelu, gelu_tanh, relu, relu2"),
+    ("train.lr_decay_iters=50", "train.lr_decay_iters=50 ends the cosine decay before train.warmup_iters=100"),
+    ("train.lr_decay_iters=100", "make train.lr_decay_iters larger or train.warmup_iters smaller"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(GptError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:

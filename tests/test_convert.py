@@ -224,7 +224,24 @@ def test_our_gpt2_shaped_models_export_exactly_and_come_back(cli, tmp_path, mode
     assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "again")[0] == 0
     again = read_checkpoint(tmp_path / "again")
     assert again.tokenizer_spec == TokenizerSpec("byte")
+    assert again.config.model.bias == config.model.bias  # a bias-free model comes back bias-free
     assert torch.equal(our_logits(load_model(again), idx), our_logits(ours, idx))
+    check_init_from(f"hf:{tmp_path / 'hf'}", config, TokenizerSpec("byte"))  # accepted against the original
+
+
+def test_biases_trained_in_transformers_after_a_bias_free_export_are_kept(cli, tmp_path, ids):
+    config = build_config({"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": CONTEXT,
+                                     "vocab_size": 257, "bias": False}})
+    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), {"iter": 1})
+    assert cli("convert", "to-hf", tmp_path / "ckpt", tmp_path / "hf")[0] == 0
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        hf_model.transformer.h[0].mlp.c_fc.bias.fill_(0.5)
+    hf_model.save_pretrained(tmp_path / "hf")  # its config.json still says "bias": false
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "again")[0] == 0
+    again = read_checkpoint(tmp_path / "again")
+    assert again.config.model.bias is True
+    assert torch.allclose(our_logits(load_model(again), ids % 257), hf_logits(hf_model.eval(), ids % 257), atol=1e-4)
 
 
 @pytest.mark.parametrize("model, message", [

@@ -167,7 +167,7 @@ def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
     assert len(ranks) == 2 and ranks[0]["data"] == ranks[1]["data"]  # one seed: each rank keeps its own rows
     assert not torch.equal(ranks[0]["rng"]["cpu"], ranks[1]["rng"]["cpu"])  # but its own dropout
     assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
-    assert result.stdout.count("model: ") == 1  # only rank 0 prints
+    assert result.stdout.count("\nmodel: ") == 1  # only rank 0 prints
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["iter"]) for r in rows] == list(range(1, 7))
     result = gpt_train(config, "--resume", "train.max_iters=8", nproc=2)

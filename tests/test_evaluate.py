@@ -192,15 +192,21 @@ def test_dataset_split_is_scored_whole_and_matches_its_text(char_data):
     assert result.text_bytes == len(dataset.tokenizer.decode(tokens[1:].tolist()).encode())
     with pytest.raises(GptError, match="no 'test' split"):
         evaluate_lm(model, dataset.meta.tokenizer, char_data, split="test")
-    with pytest.raises(GptError, match="prepared with the char tokenizer"):
+    with pytest.raises(GptError, match="the data uses the char tokenizer, the checkpoint the byte one"):
         evaluate_lm(model, TokenizerSpec("byte"), char_data)
+    other_chars = TokenizerSpec("char", dataset.meta.tokenizer.vocab.replace("a", "") + "\u00e9")
+    with pytest.raises(GptError, match=r"different char vocabularies .* the data has 1 character \('a'\) that the "
+                                       r"checkpoint lacks; the checkpoint has 1 character \('\u00e9'\) that the data "
+                                       r"lacks; .* give the text file itself \(--data FILE\)"):
+        evaluate_lm(model, other_chars, char_data)
 
 
 def test_char_not_in_vocab_names_the_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abz")
-    with pytest.raises(GptError, match=r"t\.txt: character 'z'"):
+    with pytest.raises(GptError, match=r"t\.txt: character 'z'") as error:
         evaluate_lm(tiny(vocab=3), TokenizerSpec("char", "abc"), path)
+    assert str(error.value).endswith(f"remove it from {path}, or evaluate a model whose data had it")  # no prompt
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -326,8 +332,9 @@ def test_malformed_task_lines_give_one_line_naming_the_line_number(tmp_path, lin
 def test_char_missing_from_the_vocabulary_names_the_task_line(tmp_path):
     task = write_task(tmp_path / "t.jsonl", [{"context": "ab\n", "choices": ["ba", "ab"], "label": 0},
                                              {"context": "ab\n", "choices": ["ba", "az"], "label": 0}])
-    with pytest.raises(GptError, match=r"t\.jsonl:2: character 'z'"):
+    with pytest.raises(GptError, match=r"t\.jsonl:2: character 'z'") as error:
         evaluate_task(tiny(vocab=3), CharTokenizer("ab\n"), task)
+    assert "prompt" not in str(error.value) and "remove it from that item" in str(error.value)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -67,3 +67,15 @@ def test_info_names_the_architecture_options_of_a_checkpoint(cli, tmp_path):
             "untied head") in out
     code, out, _ = cli("info", "--preset", "gpt2")
     assert "pre-layernorm, gelu_tanh MLP, tied head" in out
+
+
+def test_info_of_a_checkpoint_prints_its_losses_in_words(cli, tmp_path):
+    config = build_config({"model": {"preset": "tiny", "vocab_size": 257}})
+    model = GPT(config.model)
+    save_model_folder(tmp_path / "new", model, config, TokenizerSpec("byte"), {"iter": 0, "tokens": 0})
+    save_model_folder(tmp_path / "run", model, config, TokenizerSpec("byte"),
+                      {"iter": 5, "tokens": 640, "best_train_loss": 2.25, "losses": {"train": 2.5}})
+    code, out, _ = cli("info", tmp_path / "new")
+    assert code == 0 and "tokenizer: byte; no evaluation recorded" in out and "None" not in out
+    code, out, _ = cli("info", tmp_path / "run")
+    assert code == 0 and "tokenizer: byte; evaluation losses: train 2.5000 (best train 2.2500)" in out

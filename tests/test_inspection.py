@@ -287,7 +287,7 @@ def test_frequent_tokens_are_counted_in_the_training_data(char_data):
 def test_frequent_tokens_need_data_of_the_same_tokenizer(char_data, tmp_path):
     with pytest.raises(GptError, match="give --data DATA_DIR"):
         frequent_tokens(make_tokenizer("byte"), str(tmp_path / "missing"), 10)
-    with pytest.raises(GptError, match="another tokenizer"):
+    with pytest.raises(GptError, match="the data uses the char tokenizer, the model the byte one"):
         frequent_tokens(make_tokenizer("byte"), str(char_data), 10)
 
 
@@ -325,7 +325,10 @@ def test_inspection_verbs_have_help(cli, verb, expected):
     (["embed", "{run}", "e", "--plot", "-o", "{tmp}/e.png"], "give one of WORD"),
     (["embed", "{run}"], "give one of WORD"),
     (["embed", "{run}", "--plot"], "--plot needs -o FILE.png"),
-    (["embed", "{run}", "--analogy", "a - e + %"], "'%' (U+0025) is not in this model's char vocabulary"),
+    (["embed", "{run}", "--analogy", "a - e + %"], "'%' (U+0025) is not in this char vocabulary; give a word of "
+                                                   "characters it has"),
+    (["tokenize", "--checkpoint", "{run}", "caf\u00e9"], "character '\u00e9' (U+00E9) is not in this char vocabulary; "
+                                                        "remove it from the text, or use --tokenizer byte or gpt2"),
     (["next", "{run}", "hi", "--top", "0"], "--top must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, run, tmp_path, args, message):

@@ -94,22 +94,25 @@ def test_input_longer_than_context_is_a_clear_error():
         tiny()(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_tiny_model_overfits_a_repeated_text():
+def test_tiny_model_memorises_a_sentence():
+    """One sequence, so every prefix has one continuation and the loss can reach 0; the
+    characters repeat with different successors ('t' before 'o', 'h' and ' '), so only
+    attention to the context gets them right. At lr 3e-3 the loss was 0.016-0.018 after 60
+    steps for each of 10 seeds tried (lr 1e-2 stalled at 0.23 for one), well below the bound."""
     torch.manual_seed(0)
-    text = "to be or not to be, that is the question. " * 4
+    text = "to be, or not to be, that is the question"
     vocab = sorted(set(text))
-    ids = torch.tensor([vocab.index(ch) for ch in text])
-    config = build_config({"model": {"preset": "tiny", "vocab_size": len(vocab), "block_size": 32}}).model
+    ids = torch.tensor([[vocab.index(ch) for ch in text]])
+    config = build_config({"model": {"preset": "tiny", "vocab_size": len(vocab), "block_size": len(text)}}).model
     model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    starts = torch.arange(0, len(ids) - 33)
-    for _ in range(150):
-        batch = torch.stack([ids[s:s + 33] for s in starts])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        logits, loss = model(ids[:, :-1], ids[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1
+    assert torch.equal(logits.argmax(-1), ids[:, 1:])  # greedy decoding recites the sentence
 
 
 def test_residual_projections_use_scaled_init():

@@ -361,6 +361,14 @@ def test_a_task_checkpoint_still_samples_text_and_info_shows_the_task(task_run, 
         in out
 
 
+def test_exporting_a_task_run_to_hugging_face_says_the_head_is_left_out(char_data, tmp_path, cli):
+    assert train(task_config(char_data, tmp_path, "classify", max_iters=1, eval_interval=1)) == 0
+    code, out, err = cli("convert", "to-hf", tmp_path / "run_classify", tmp_path / "hf")
+    assert code == 0 and f"wrote {tmp_path / 'hf'}" in out
+    assert "is a classify task model: Hugging Face GPT-2 has no place for its task head" in err
+    assert "the export holds its language model only" in err
+
+
 def test_the_sampler_never_picks_special_tokens():
     logits = torch.tensor([[0.0, 1.0, 9.0, 9.0, 9.0]])  # ids 2..4 stand for special tokens
     generator = torch.Generator().manual_seed(0)

@@ -45,6 +45,17 @@ def test_tokenizer_spec_rejects_junk(junk):
         TokenizerSpec.from_json(junk, "t.json")
 
 
+def test_two_char_vocabularies_are_told_apart_by_the_characters_one_lacks():
+    data, checkpoint = TokenizerSpec("char", "abc\n"), TokenizerSpec("char", "abdefghijklmn")
+    assert data.difference(checkpoint, "the data", "the checkpoint") == (
+        "the data and the checkpoint have different char vocabularies (4 and 13 characters): the data has 2 "
+        "characters ('\\n', 'c') that the checkpoint lacks; the checkpoint has 11 characters ('d', 'e', 'f', 'g', "
+        "'h', 'i', 'j', 'k' and 3 more) that the data lacks")
+    assert TokenizerSpec("char", "ab").difference(TokenizerSpec("char", "abc"), "A", "B") == (
+        "A and B have different char vocabularies (2 and 3 characters): B has 1 character ('c') that A lacks")
+    assert data.difference(TokenizerSpec("gpt2"), "A", "B") == "A uses the char tokenizer, B the gpt2 one"
+
+
 def test_gpt2_encode_ignores_special_token_text():
     tok = make_tokenizer("gpt2")
     assert 50256 not in tok.encode("<|endoftext|>")

@@ -33,6 +33,15 @@ def test_lr_schedule_at_known_iterations():
     assert schedule == pytest.approx(expected)
 
 
+def test_a_run_shorter_than_its_warmup_says_what_its_schedule_becomes(char_data, tmp_path, capsys):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=2, warmup_iters=8, eval_interval=100))
+    out = capsys.readouterr().out
+    assert ("train.warmup_iters=8 is not below train.max_iters=2: the learning rate only warms up, to 25% of "
+            "train.lr at the last step, and never decays") in out
+    train(tiny_config(char_data, tmp_path / "full", max_iters=3, warmup_iters=2, eval_interval=100))
+    assert "warms up" not in capsys.readouterr().out
+
+
 def test_grad_accumulation_matches_one_big_batch():
     torch.manual_seed(0)
     config = build_config({"model": {"preset": "tiny", "vocab_size": 40, "block_size": 16}}).model
@@ -187,8 +196,25 @@ def test_a_run_whose_loss_turns_nan_stops_and_a_nan_loss_is_never_best(char_data
         train(config)
     state = TrainState()
     assert state.record(Evaluation(losses={"val": 2.0}))
-    assert not state.record(Evaluation(losses={"val": math.nan})) and state.best_val_loss == 2.0
-    assert state.record(Evaluation(losses={"val": 1.5})) and state.best_val_loss == 1.5
+    assert not state.record(Evaluation(losses={"val": math.nan})) and state.best_loss == 2.0
+    assert state.record(Evaluation(losses={"val": 1.5})) and state.best_loss == 1.5
+
+
+def test_without_a_val_split_state_json_names_the_best_loss_for_the_train_split():
+    state = TrainState()
+    assert state.record(Evaluation(losses={"train": 2.0}))
+    saved = state.state_dict()
+    assert saved["best_train_loss"] == 2.0 and "best_val_loss" not in saved
+    again = TrainState()
+    again.load_state_dict(saved)
+    assert (again.best_loss, again.best_split) == (2.0, "train")
+    assert not again.record(Evaluation(losses={"train": 2.5})) and again.record(Evaluation(losses={"train": 1.0}))
+    with_val = TrainState()
+    with_val.record(Evaluation(losses={"train": 2.0, "val": 3.0}))
+    assert with_val.state_dict()["best_val_loss"] == 3.0 and "best_train_loss" not in with_val.state_dict()
+    older = TrainState()  # a checkpoint written before the split was named still loads
+    older.load_state_dict({"iter": 3, "tokens": 96, "best_val_loss": 1.25})
+    assert (older.best_loss, older.best_split, older.iter) == (1.25, "val", 3)
 
 
 def test_an_evaluation_without_a_val_split_logs_the_train_loss(capsys):
@@ -305,6 +331,23 @@ def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
         assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
 
 
+def test_a_run_stopped_before_its_first_evaluation_draws_its_training_loss(char_data, tmp_path, monkeypatch):
+    from gpt.training import loop
+    step, steps = loop.optimizer_step, []
+
+    def step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            signal.raise_signal(signal.SIGINT)  # the loop finishes this step, saves and stops
+        return step(*args)
+
+    monkeypatch.setattr(loop, "optimizer_step", step_then_ctrl_c)
+    assert train(tiny_config(char_data, tmp_path / "run", max_iters=50, eval_interval=40, ckpt_interval=40)) == 130
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 3 and not any(r["val_loss"] for r in rows)  # stopped at iter 3, before evaluating
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
     config = tiny_yaml(tmp_path, char_data, max_iters=100000, ckpt_interval=100000)
@@ -410,6 +453,36 @@ def test_mfu_is_filled_on_a_cpu_from_the_measured_matmul_peak(char_data, tmp_pat
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["loss"]]
     assert len(rows) == 2
     assert all(0 < float(r["mfu"]) < 1 for r in rows)
+
+
+def test_the_cpu_peak_is_measured_in_the_dtype_the_run_computes_in(monkeypatch):
+    """A native-bf16 CPU multiplies bf16 ~3x faster than fp32: a fp32 peak made a bf16 run's
+    MFU read over 100%."""
+    from gpt.device import peak_flops
+    seen, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.append((a.dtype, b.dtype)) or mm(a, b))
+    assert peak_flops(None, torch.device("cpu"), ((8, 16, 24), (24, 8, 16)), torch.bfloat16, fresh=True) > 0
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_an_impossible_mfu_measures_the_peak_again_then_is_left_out_with_a_reason(capsys):
+    from gpt.training.metrics import Mfu
+    peaks = iter([1000.0, 10.0])
+    mfu = Mfu(flops_per_token=2.0, peak=100.0, configured=False, remeasure=lambda: next(peaks))
+    assert mfu(10.0) == pytest.approx(0.2)
+    assert mfu(100.0) == pytest.approx(0.2)  # 200% against 100 FLOP/s: measured again, 1000
+    assert "measured again: 1e+03 FLOP/s" in capsys.readouterr().err
+    assert mfu(1000.0) is None and mfu(1.0) is None  # no third measurement; left out from then on
+    err = capsys.readouterr().err
+    assert "MFU came out at 200%, over 100%" in err and "not reported" in err and len(err.splitlines()) == 1
+
+
+def test_a_given_peak_below_the_real_speed_leaves_mfu_out_with_one_line(char_data, tmp_path, capsys):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=3, eval_interval=100, peak_flops=1.0))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["loss"]]
+    assert len(rows) == 3 and not any(r["mfu"] for r in rows)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "MFU" in line]
+    assert len(warnings) == 1 and "train.peak_flops is below what this device reaches" in warnings[0]
 
 
 def test_measuring_the_matmul_peak_leaves_the_global_random_state_alone():

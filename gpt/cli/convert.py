@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -50,12 +51,14 @@ def convert_to_hf(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
 ) -> None:
     """Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel.from_pretrained loads it)."""
-    from gpt.convert import check_out_dir, export_hf
+    from gpt.convert import check_out_dir, export_hf, left_out_of_export
 
     check_out_dir(Path(out_dir), overwrite)
     model = export_hf(checkpoint, out_dir)
     print(f"wrote {out_dir}: GPT-2 with {model.num_params():,} parameters; load it with "
           f"transformers.GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
+    if note := left_out_of_export(checkpoint):
+        print(note, file=sys.stderr)
 
 
 def _report_import(model, source: str, out_dir: str) -> None:

@@ -70,6 +70,16 @@ def _architecture(model: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _evaluation(state: dict) -> str:
+    """The last evaluation's losses and the best one, in words (state.json holds them raw)."""
+    losses = state.get("losses") or {}
+    bests = {split: state.get(f"best_{split}_loss") for split in ("val", "train")}
+    best = next((f" (best {split} {loss:.4f})" for split, loss in bests.items() if isinstance(loss, (int, float))), "")
+    if not losses:
+        return f"no evaluation recorded{best}"
+    return "evaluation losses: " + ", ".join(f"{split} {loss:.4f}" for split, loss in losses.items()) + best
+
+
 def _print_info(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, ensure_ascii=False))
@@ -87,7 +97,7 @@ def _print_info(info: dict, as_json: bool) -> None:
     print(f"  {params:,} parameters ({size}), {model['flops_per_token']:.3g} training FLOPs per token "
           "(forward + backward at full context)")
     if "checkpoint" in info:
-        print(f"  tokenizer: {info['tokenizer']}; losses: {state.get('losses')}")
+        print(f"  tokenizer: {info['tokenizer']}; {_evaluation(state)}")
     if info.get("task"):
         print(f"  {info['task']}")
     for name in info.get("checkpoints", []):

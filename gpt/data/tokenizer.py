@@ -50,6 +50,25 @@ class TokenizerSpec:
     def build(self) -> Tokenizer:
         return make_tokenizer(self.name, self.vocab)
 
+    def difference(self, other: TokenizerSpec, mine: str, theirs: str) -> str:
+        """How this tokenizer differs from `other`, in words; `mine` and `theirs` name where the
+        two come from ("the data", "the checkpoint"). Two char vocabularies are told apart by
+        the characters one has and the other lacks."""
+        if self.name != other.name or self.vocab is None or other.vocab is None:
+            return f"{mine} uses the {self.name} tokenizer, {theirs} the {other.name} one"
+        extra, missing = set(self.vocab) - set(other.vocab), set(other.vocab) - set(self.vocab)
+        sides = [f"{mine} has {_characters(extra)} that {theirs} lacks" if extra else None,
+                 f"{theirs} has {_characters(missing)} that {mine} lacks" if missing else None]
+        return (f"{mine} and {theirs} have different char vocabularies ({len(self.vocab)} and {len(other.vocab)} "
+                f"characters): {'; '.join(side for side in sides if side)}")
+
+
+def _characters(chars: set[str], shown: int = 8) -> str:
+    """A few characters, quoted (so that whitespace shows), and how many more there are."""
+    listed = ", ".join(repr(ch) for ch in sorted(chars)[:shown])
+    more = f" and {len(chars) - shown} more" if len(chars) > shown else ""
+    return f"{len(chars)} character{'s' if len(chars) > 1 else ''} ({listed}{more})"
+
 
 class Tokenizer:
     name: str
@@ -154,9 +173,7 @@ class CharTokenizer(Tokenizer):
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
         unknown = self._codepoints[ids_clipped] != points
         if unknown.any():
-            char = chr(points[np.argmax(unknown)])
-            raise GptError(f"character {char!r} (U+{ord(char):04X}) is not in this model's char "
-                           "vocabulary; remove it from the prompt or prepare the data with it")
+            raise UnknownCharacter(chr(points[np.argmax(unknown)]))
         return ids.astype(np.int64)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
@@ -168,6 +185,16 @@ class CharTokenizer(Tokenizer):
     @property
     def spec(self) -> TokenizerSpec:
         return TokenizerSpec(self.name, self.vocab)
+
+
+class UnknownCharacter(GptError):
+    """A character outside a char vocabulary. The message fits a prompt; where the text came
+    from elsewhere (a file, a task item, `gpt tokenize`), the caller names what to change there."""
+
+    def __init__(self, char: str) -> None:
+        self.char = char
+        self.problem = f"character {char!r} (U+{ord(char):04X}) is not in this model's char vocabulary"
+        super().__init__(f"{self.problem}; remove it from the prompt or prepare the data with it")
 
 
 class ByteTokenizer(Tokenizer):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt.data.shards import load_dataset
-from gpt.data.tokenizer import Tokenizer, TokenizerSpec
+from gpt.data.tokenizer import Tokenizer, TokenizerSpec, UnknownCharacter
 from gpt.errors import GptError
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -178,8 +178,9 @@ def text_file_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
         raise GptError(f"cannot read {path} ({reason}); give a UTF-8 text file or a dataset folder") from None
     try:
         ids = tokenizer.encode_array(text)
-    except GptError as exc:
-        raise GptError(f"{path}: {exc}") from None
+    except UnknownCharacter as exc:
+        raise GptError(f"{path}: {exc.problem}; remove it from {path}, or evaluate a model whose data had it") \
+            from None
     return ids if tokenizer.eot is None else np.concatenate([[tokenizer.eot], ids])
 
 
@@ -187,8 +188,11 @@ def dataset_split_tokens(folder: str | Path, split: str, tokenizer: TokenizerSpe
     """All tokens of one split of a prepared dataset, in order, read as they are needed."""
     dataset = load_dataset(folder)
     if dataset.meta.tokenizer != tokenizer:
-        raise GptError(f"{folder} was prepared with the {dataset.tokenizer.name} tokenizer, not the checkpoint's "
-                       f"{tokenizer.name} one; prepare the data with the checkpoint's tokenizer")
+        fix = ("evaluate the data the checkpoint was trained on, or give the text file itself (--data FILE), which "
+               "is read with the checkpoint's characters" if tokenizer.name == "char" == dataset.meta.tokenizer.name
+               else "prepare the data with the checkpoint's tokenizer")
+        raise GptError(f"{folder} does not fit the checkpoint: "
+                       f"{dataset.meta.tokenizer.difference(tokenizer, 'the data', 'the checkpoint')}; {fix}")
     if split not in dataset.splits:
         raise GptError(f"{folder} has no {split!r} split; choose one of {', '.join(dataset.splits)}")
     return ConcatenatedShards(dataset.splits[split])

@@ -43,7 +43,7 @@ from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import budget as budgeting
 from gpt.training import distributed
-from gpt.training.metrics import Evaluation, MetricsLog, Progress
+from gpt.training.metrics import Evaluation, MetricsLog, Mfu, Progress
 from gpt.training.objectives import Objective, check_init_from, make_objective, shape_differences
 from gpt.training.optim import build_optimizer, set_lr
 
@@ -70,6 +70,18 @@ def scheduled_lr(it: int, tc: TrainConfig, budget: budgeting.Budget | None) -> f
     follows_plan = budget is not None and tc.lr_decay_iters is None
     progress = budget.progress(it) if follows_plan else decay_progress(it, tc.warmup_iters, tc.decay_iters)
     return lr_at(it, tc.lr, tc.min_lr, tc.warmup_iters, progress)
+
+
+def schedule_note(tc: TrainConfig) -> str | None:
+    """What the schedule becomes when the run ends before its warmup does: allowed (short
+    trials and tests stop early on purpose), but said, since the rate then never decays."""
+    if tc.warmup_iters < tc.max_iters:
+        return None
+    last = tc.max_iters - 1
+    top = lr_at(last, 1.0, 0.0, tc.warmup_iters, decay_progress(last, tc.warmup_iters, tc.decay_iters))
+    return (f"note: train.warmup_iters={tc.warmup_iters} is not below train.max_iters={tc.max_iters}: the learning "
+            f"rate only warms up, to {top:.0%} of train.lr at the last step, and never decays; lower "
+            "train.warmup_iters for a full schedule")
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
@@ -152,21 +164,26 @@ class TrainState:
 
     iter: int = 0
     tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
-    best_val_loss: float = math.inf
+    best_loss: float = math.inf
+    best_split: str = "val"  # the split best_loss was evaluated on: train when the data has no val split
     best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
     budget: dict[str, Any] | None = None  # a time budget's plan (gpt.training.budget.Budget.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"iter": self.iter, "tokens": self.tokens, "best_val_loss": best, "best_val_acc": self.best_val_acc,
-                "losses": dict(self.losses), "accuracy": dict(self.accuracy), "budget": self.budget}
+        """state.json names the best loss for its split: best_val_loss, or best_train_loss."""
+        best = self.best_loss if math.isfinite(self.best_loss) else None
+        return {"iter": self.iter, "tokens": self.tokens, f"best_{self.best_split}_loss": best,
+                "best_val_acc": self.best_val_acc, "losses": dict(self.losses), "accuracy": dict(self.accuracy),
+                "budget": self.budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
-        best = state.get("best_val_loss")
-        self.best_val_loss = math.inf if best is None else float(best)
+        # Before the split was named, a run without val data wrote its train loss as best_val_loss.
+        self.best_split = "train" if "best_train_loss" in state else "val"
+        best = state.get(f"best_{self.best_split}_loss")
+        self.best_loss = math.inf if best is None else float(best)
         self.best_val_acc = state.get("best_val_acc")
         self.losses = dict(state.get("losses") or {})
         self.accuracy = dict(state.get("accuracy") or {})
@@ -182,10 +199,11 @@ class TrainState:
                 return False
             self.best_val_acc = acc
             return True
-        score = self.losses.get("val", self.losses.get("train"))
-        if score is None or not math.isfinite(score) or score >= self.best_val_loss:  # a diverged run is no best
+        split = "val" if "val" in self.losses else "train"
+        score = self.losses.get(split)
+        if score is None or not math.isfinite(score) or score >= self.best_loss:  # a diverged run is no best
             return False
-        self.best_val_loss = score
+        self.best_loss, self.best_split = score, split
         return True
 
 
@@ -260,6 +278,7 @@ class Trainer:
     autocast: Callable
     dist: distributed.Dist
     parallel: str = "none"          # none | ddp | fsdp, as resolved for this job
+    dtype: torch.dtype = torch.float32  # what matmuls compute in (autocast's dtype)
     state: TrainState = dataclasses.field(default_factory=TrainState)
     budget: budgeting.Budget | None = None  # train.max_minutes, once the loop has started
 
@@ -391,7 +410,8 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
     batches = DeviceBatches(objective.sampler([tc.seed, 0], dist), tc.grad_accum, device)
     trainer = Trainer(config=config, run=run, objective=objective, model=model, head=head, trained=trained,
                       forward_model=forward_model, optimizer=optimizer, scaler=scaler, batches=batches,
-                      device=device, autocast=autocast_for(device, dtype), dist=dist, parallel=parallel)
+                      device=device, autocast=autocast_for(device, dtype), dist=dist, parallel=parallel,
+                      dtype=dtype)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     return trainer, checkpoint
@@ -451,14 +471,13 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
               f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
         if resumed and state.iter >= tc.max_iters:
             print(nothing_to_train(tc, state))
+        elif note := schedule_note(tc):
+            print(note)
         if tr.parallel != "none":
             print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
                   f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
                   "tok/s below counts the whole job")
-    matmul_rows = tc.batch_size * tr.config.model.block_size
-    # One device's peak; tokens/s counts every rank, so MFU divides by peak x world size.
-    peak = peak_flops(tc.peak_flops, tr.device, training_matmul_shapes(tr.trained, matmul_rows))
-    flops_per_token = tr.model.flops_per_token()
+    mfu = _mfu(tr)
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
     budget = tr.budget = _start_budget(tr) if tc.max_minutes else None
@@ -484,8 +503,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                 row = {"loss": distributed.mean_across_ranks(loss, tr.dist), "lr": lr, "grad_norm": grad_norm.item()}
                 elapsed = time.perf_counter() - window_start  # after the reads above: the device has caught up
                 tok_s = window_tokens / elapsed
-                row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters,
-                           mfu=flops_per_token * tok_s / (peak * tr.dist.world_size) if peak else None)
+                row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters, mfu=mfu(tok_s))
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
                 if not math.isfinite(row["loss"]) and tr.scaler is None:  # fp16's scaler skips such steps itself
                     raise GptError(f"the training loss is {row['loss']} at iter {state.iter}: the run diverged; "
@@ -517,11 +535,26 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
         if stopped:
             tr.save()
             if main:
+                metrics.plot()  # a run stopped before its first evaluation has drawn nothing yet
                 print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
         elif budget is not None and main:
             print(budget.summary(state.iter))
         progress.close()
         return stop.exit_code or (130 if stopped else 0)
+
+
+def _mfu(tr: Trainer) -> Mfu:
+    """MFU against one device's peak times the world size (tokens/s counts every rank)."""
+    tc = tr.config.train
+    shapes = training_matmul_shapes(tr.trained, tc.batch_size * tr.config.model.block_size)
+
+    def peak(fresh: bool = False) -> float | None:
+        one = peak_flops(tc.peak_flops, tr.device, shapes, tr.dtype, fresh)
+        return one * tr.dist.world_size if one else None
+
+    measured = tc.peak_flops is None and tr.device.type == "cpu"
+    return Mfu(tr.model.flops_per_token(), peak(), configured=tc.peak_flops is not None,
+               remeasure=(lambda: peak(fresh=True)) if measured else None, enabled=tr.dist.is_main)
 
 
 def _start_budget(tr: Trainer) -> budgeting.Budget:
@@ -548,6 +581,8 @@ def _follow_plan(tr: Trainer, budget: budgeting.Budget, progress: Progress, firs
     progress.set_total(budget.plan)
     if first and tr.dist.is_main:
         print(budget.describe())
+        if note := schedule_note(tr.config.train):
+            print(note)
     return tr.config.train
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -98,7 +98,9 @@ def _tensorboard_writer(folder: Path):
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> None:
-    """Draw train and val loss against iterations (nothing when matplotlib is not installed)."""
+    """Draw the training loss of each logged step and the evaluations' train and val losses
+    against iterations (before the first evaluation, the training loss alone). Nothing when
+    no loss is logged yet or matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -106,18 +108,57 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     except ImportError:
         return
     rows = read_metrics(csv_path)
+    curves = {label: [(int(r["iter"]), float(r[column])) for r in rows if r.get(column)]
+              for column, label in (("loss", "train (step)"), ("eval_train_loss", "train (eval)"), ("val_loss", "val"))}
+    if not any(curves.values()):
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for column, label in (("loss", "train (step)"), ("eval_train_loss", "train (eval)"), ("val_loss", "val")):
-        points = [(int(r["iter"]), float(r[column])) for r in rows if r.get(column)]
+    for label, points in curves.items():
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if column != "loss" else None,
-                    alpha=0.4 if column == "loss" else 1.0)
+            step = label == "train (step)"
+            ax.plot(*zip(*points), label=label, marker=None if step else "o", alpha=0.4 if step else 1.0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     save_png(fig, png_path)
+
+
+class Mfu:
+    """Model FLOPs utilisation: the FLOP/s the model's arithmetic takes at the measured speed,
+    over the peak. Over 100% is impossible, so such a figure is never shown: a CPU's peak,
+    measured at start while other processes held the cores, is measured once more; when that
+    does not help, or the peak was given, one line says why and MFU is left out of the run."""
+
+    def __init__(self, flops_per_token: float, peak: float | None, configured: bool,
+                 remeasure: Callable[[], float | None] | None = None, enabled: bool = True):
+        self.flops_per_token, self.peak, self.configured = flops_per_token, peak, configured
+        self.remeasure, self.enabled = remeasure, enabled
+
+    def __call__(self, tok_per_s: float) -> float | None:
+        if self.peak is None:
+            return None
+        mfu = self.flops_per_token * tok_per_s / self.peak
+        if mfu <= 1:
+            return mfu
+        if self.remeasure is not None:
+            low, self.peak, self.remeasure = self.peak, self.remeasure(), None
+            self._say(f"note: MFU came out at {100 * mfu:.0f}% against the CPU peak measured at start "
+                      f"({low:.3g} FLOP/s; other processes were probably using the cores); measured again: "
+                      f"{self.peak:.3g} FLOP/s")
+            return self(tok_per_s)
+        why = ("train.peak_flops is below what this device reaches; raise it or set it to null"
+               if self.configured else "other processes are probably sharing the cores, or the device's peak is "
+               "not known right; give it as train.peak_flops")
+        self._say(f"warning: MFU came out at {100 * mfu:.0f}%, over 100%, against a peak of {self.peak:.3g} "
+                  f"FLOP/s: {why}; MFU is not reported for the rest of this run")
+        self.peak = None
+        return None
+
+    def _say(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
 
 
 class Progress:

@@ -74,8 +74,11 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
         raise GptError(f"train.init_from {path} is a task model (its vocabulary has {NUM_SPECIAL} special "
                        "tokens, and it has a task head); start from the language model it was fine-tuned from")
     if source.tokenizer != tokenizer:  # before the shapes: a vocabulary of another size is this
-        raise GptError(f"train.init_from {path}: the checkpoint's {source.tokenizer.name} tokenizer "
-                       f"differs from the data's {tokenizer.name}; prepare the data with the checkpoint's tokenizer")
+        fix = ("a char model goes on only with data of exactly its characters: prepare text that has the same "
+               "ones, or train from scratch" if source.tokenizer.name == "char" == tokenizer.name
+               else "prepare the data with the checkpoint's tokenizer")
+        raise GptError(f"train.init_from {path}: "
+                       f"{source.tokenizer.difference(tokenizer, 'the checkpoint', 'the data')}; {fix}")
     changed = [name for name in shape_differences(source.config, config.model)
                if not (name == "vocab_size" and _grows_for_task(source.config, config))]
     if changed:
