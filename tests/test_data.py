@@ -186,7 +186,10 @@ def _shard(folder):
     (lambda f: _poke(_shard(f), 0, np.int32(123)), "not a token shard"),
     (lambda f: _poke(_shard(f), 4, np.int32(7)), "shard version 7"),
     (lambda f: open(_shard(f), "ab").write(b"\0\0"), "the shard is truncated or corrupt"),
-    (lambda f: _poke(_shard(f), HEADER_BYTES, np.uint16(99)), "token id 99 is out of range"),
+    (lambda f: _edit_meta(f, lambda m: m["splits"]["train"]["shards"][0].update(max_id=99)),
+     "token id 99 is out of range"),
+    (lambda f: _edit_meta(f, lambda m: m["splits"]["train"]["shards"][0].update(max_id=-1)),
+     "missing fields or has wrong types"),
     (lambda f: _edit_meta(f, lambda m: m["splits"]["train"]["shards"][0].update(tokens=5)), "meta.json says 5"),
     (lambda f: _edit_meta(f, lambda m: m.update(vocab_size=3)), "does not match its char tokenizer"),
     (lambda f: (f / "meta.json").write_text("{"), "not valid JSON"),
@@ -199,6 +202,41 @@ def test_reader_rejects_damaged_datasets(dataset_copy, corrupt, message):
     corrupt(dataset_copy)
     with pytest.raises(GptError, match=message):
         load_dataset(dataset_copy)
+
+
+def test_loading_checks_the_id_range_from_meta_json_and_verify_reads_every_token(dataset_copy, cli):
+    """Opening a dataset reads each shard's header and meta.json's recorded largest id, never
+    the tokens: a token changed behind meta.json's back (at the shard's far end) goes unseen
+    until `gpt info --verify` reads them all."""
+    meta = json.loads((dataset_copy / "meta.json").read_text())
+    shard = meta["splits"]["train"]["shards"][0]
+    vocab = meta["vocab_size"]
+    assert shard["max_id"] == int(read_shard(_shard(dataset_copy), vocab).max()) < vocab
+    _poke(_shard(dataset_copy), HEADER_BYTES + 2 * (shard["tokens"] - 1), np.uint16(vocab + 7))
+    assert load_dataset(dataset_copy).splits["train"][0].shape == (shard["tokens"],)
+    with pytest.raises(GptError, match=f"token id {vocab + 7} is out of range"):
+        load_dataset(dataset_copy, verify=True)
+    code, _, err = cli("info", str(dataset_copy), "--verify")
+    assert code == 2 and f"token id {vocab + 7} is out of range" in err
+    _poke(_shard(dataset_copy), HEADER_BYTES + 2 * (shard["tokens"] - 1), np.uint16(0))
+    code, out, _ = cli("info", str(dataset_copy), "--verify")
+    assert code == 0 and "verified: every token of the 2 shard(s) is below vocab_size" in out
+    _edit_meta(dataset_copy, lambda m: m["splits"]["train"]["shards"][0].update(max_id=shard["max_id"] - 1))
+    with pytest.raises(GptError, match="largest token id is .* but meta.json records"):
+        load_dataset(dataset_copy, verify=True)
+
+
+def test_a_dataset_without_recorded_max_ids_is_scanned_as_before(dataset_copy):
+    _edit_meta(dataset_copy, lambda m: [s.pop("max_id") for split in m["splits"].values() for s in split["shards"]])
+    assert load_dataset(dataset_copy).num_tokens("train") > 0
+    _poke(_shard(dataset_copy), HEADER_BYTES, np.uint16(99))
+    with pytest.raises(GptError, match="token id 99 is out of range"):
+        load_dataset(dataset_copy)
+
+
+def test_info_verify_needs_a_dataset(cli, tmp_path):
+    code, _, err = cli("info", str(tmp_path), "--verify")
+    assert code == 2 and "--verify checks a dataset folder" in err
 
 
 def _poke(path, offset, value):

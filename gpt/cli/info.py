@@ -20,10 +20,14 @@ def info(
     path: Optional[str] = typer.Argument(None, help="A dataset folder (meta.json) or a run / checkpoint folder."),
     preset: Optional[str] = typer.Option(None, help="Describe a model preset instead (e.g. gpt2, gpt3-175b)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts)."),
+    verify: bool = typer.Option(False, "--verify", help="Read every token of a dataset and check its ids against "
+                                "the vocabulary and meta.json (opening a dataset reads only the shard headers)."),
 ) -> None:
     """Describe a dataset, a training run or a model preset (parameters and FLOPs per token)."""
     if (path is None) == (preset is None):
         raise GptError("give a dataset / run / checkpoint folder or --preset NAME (one of them)")
+    if verify and (path is None or not (Path(path) / "meta.json").is_file()):
+        raise GptError("--verify checks a dataset folder (one with a meta.json); give one")
     if preset is not None:
         model = build_config({"model": {"preset": preset}}).model
         if model.vocab_size is None:
@@ -35,7 +39,11 @@ def info(
     if (folder / "meta.json").is_file():
         from gpt.data.shards import load_dataset
 
-        dataset = load_dataset(folder)
+        dataset = load_dataset(folder, verify=verify)
+        if verify and not as_json:
+            shards = sum(len(split.shards) for split in dataset.meta.splits.values())
+            print(f"verified: every token of the {shards} shard(s) is below vocab_size {dataset.vocab_size} "
+                  "and matches meta.json")
         if as_json:
             print(json.dumps({"dataset": str(dataset.folder), **dataset.meta.to_json()}, ensure_ascii=False))
         else:

@@ -59,6 +59,9 @@ META_FORMAT = 1
 class ShardInfo:
     file: str
     tokens: int
+    # The largest token id in the shard, found once when it was written, so that opening a dataset
+    # checks the id range from meta.json alone (None in datasets made before it was recorded).
+    max_id: int | None = None
 
 
 @dataclass
@@ -81,7 +84,7 @@ class DatasetMeta:
 
     def to_json(self) -> dict[str, Any]:
         splits = {name: {"tokens": s.tokens, "bytes": s.bytes,
-                         "shards": [{"file": sh.file, "tokens": sh.tokens} for sh in s.shards]}
+                         "shards": [{"file": sh.file, "tokens": sh.tokens, "max_id": sh.max_id} for sh in s.shards]}
                   for name, s in self.splits.items()}
         return {"format_version": META_FORMAT, "tokenizer": self.tokenizer.to_json(), "vocab_size": self.vocab_size,
                 "eot_id": self.eot_id, "dtype": "uint16", "splits": splits, "sources": self.sources,
@@ -113,7 +116,8 @@ class DatasetMeta:
     def from_json(cls, raw: dict[str, Any], where: str) -> DatasetMeta:
         splits = {}
         for name, split in raw["splits"].items():
-            shards = [ShardInfo(file=_plain_name(s["file"], where), tokens=_count(s["tokens"]))
+            shards = [ShardInfo(file=_plain_name(s["file"], where), tokens=_count(s["tokens"]),
+                                max_id=None if s.get("max_id") is None else _count(s["max_id"]))
                       for s in split["shards"]]
             size = split.get("bytes")
             splits[str(name)] = SplitInfo(tokens=_count(split["tokens"]), shards=shards,

@@ -20,13 +20,15 @@ from gpt.errors import GptError
 
 
 class ShardWriter:
-    """Appends tokens of one split to shards of at most `shard_tokens` tokens each."""
+    """Appends tokens of one split to shards of at most `shard_tokens` tokens each, noting each
+    shard's largest token id while the tokens are in memory (readers then check the id range
+    from meta.json instead of reading every token)."""
 
     def __init__(self, folder: Path, prefix: str, split: str, shard_tokens: int):
         self.folder, self.prefix, self.split, self.shard_tokens = folder, prefix, split, shard_tokens
         self.shards: list[ShardInfo] = []
         self._file = None
-        self._count = 0
+        self._count = self._max_id = 0
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = tokens.astype(TOKEN_DTYPE, copy=False)
@@ -34,8 +36,10 @@ class ShardWriter:
             if self._file is None:
                 self._open()
             room = self.shard_tokens - self._count
-            tokens[:room].tofile(self._file)
-            self._count += min(room, len(tokens))
+            chunk = tokens[:room]
+            chunk.tofile(self._file)
+            self._count += len(chunk)
+            self._max_id = max(self._max_id, int(chunk.max()))
             tokens = tokens[room:]
             if self._count == self.shard_tokens:
                 self._close()
@@ -53,7 +57,7 @@ class ShardWriter:
         name = f"{self.prefix}_{self.split}_{len(self.shards):06d}.bin"
         self._file = open(self.folder / name, "wb")
         self._file.write(b"\0" * HEADER_BYTES)  # patched with the count on close
-        self._count = 0
+        self._count = self._max_id = 0
         self.shards.append(ShardInfo(file=name, tokens=0))
 
     def _close(self) -> None:
@@ -63,18 +67,31 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        self.shards[-1].tokens = self._count
+        self.shards[-1].tokens, self.shards[-1].max_id = self._count, self._max_id
 
 
-def read_shard(path: Path, vocab_size: int, expected_tokens: int | None = None) -> np.ndarray:
-    """Memory-map a shard's tokens after checking its header, size and token range."""
+def read_shard(path: Path, vocab_size: int, info: ShardInfo | None = None, verify: bool = False) -> np.ndarray:
+    """Memory-map a shard's tokens after checking its header, size and token range.
+
+    The range check trusts the largest id that meta.json records (`info.max_id`), so opening a
+    dataset reads one header per shard, whatever its size. Without a record (a dataset made
+    before it was kept, or no `info`), or with `verify`, every token is read once."""
     count = read_shard_header(path)
-    if expected_tokens is not None and count != expected_tokens:
-        raise GptError(f"{path}: holds {count} tokens but meta.json says {expected_tokens}; "
+    if info is not None and count != info.tokens:
+        raise GptError(f"{path}: holds {count} tokens but meta.json says {info.tokens}; "
                        "the dataset was modified, run `gpt prepare --overwrite`")
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
-    if count and int(tokens.max()) >= vocab_size:
-        raise GptError(f"{path}: token id {int(tokens.max())} is out of range for vocab_size {vocab_size}")
+    recorded = info.max_id if info is not None else None
+    if recorded is not None and recorded >= vocab_size:
+        raise GptError(f"{path}: token id {recorded} is out of range for vocab_size {vocab_size} (meta.json); "
+                       "run `gpt prepare --overwrite`")
+    if count and (verify or recorded is None):
+        found = int(tokens.max())
+        if found >= vocab_size:
+            raise GptError(f"{path}: token id {found} is out of range for vocab_size {vocab_size}")
+        if recorded is not None and found != recorded:
+            raise GptError(f"{path}: its largest token id is {found} but meta.json records {recorded}; "
+                           "the dataset was modified, run `gpt prepare --overwrite`")
     return tokens
 
 
@@ -95,8 +112,9 @@ class Dataset:
         return sum(len(shard) for shard in self.splits.get(split, []))
 
 
-def load_dataset(folder: str | Path) -> Dataset:
-    """Open a dataset, checking meta.json against the tokenizer and every shard."""
+def load_dataset(folder: str | Path, verify: bool = False) -> Dataset:
+    """Open a dataset, checking meta.json against the tokenizer and every shard's header (and,
+    with `verify`, every token: `gpt info DATA --verify`)."""
     folder = Path(folder)
     meta = DatasetMeta.read(folder)
     tokenizer = meta.tokenizer.build()
@@ -105,7 +123,7 @@ def load_dataset(folder: str | Path) -> Dataset:
                        f"{tokenizer.name} tokenizer ({tokenizer.vocab_size})")
     splits = {}
     for name, info in meta.splits.items():
-        shards = [read_shard(folder / s.file, meta.vocab_size, s.tokens) for s in info.shards]
+        shards = [read_shard(folder / s.file, meta.vocab_size, s, verify) for s in info.shards]
         if sum(len(s) for s in shards) != info.tokens:
             raise GptError(f"{folder}/meta.json: token count of split {name!r} does not match its shards")
         splits[name] = shards
