@@ -119,6 +119,13 @@ def test_two_processes_match_one_process_with_twice_the_batch(char_data, tmp_pat
     torch.testing.assert_close(moments[0], moments[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp_accumulates_micro_batches_locally_and_reduces_once_to_the_unsharded_gradients():
+    result = subprocess.run(torchrun(2, str(REPO / "tests" / "fsdp_accumulation_rank.py")), cwd=REPO,
+                            env=WORKER_ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "fsdp accumulation ok" in result.stdout, job_errors(result)
+
+
 def _exp_avg(run: Path) -> torch.Tensor:
     """The first moment of the token embedding, loaded in this one process from whatever the
     checkpoint holds (optimizer.pt, or FSDP's sharded optimizer/ folder)."""

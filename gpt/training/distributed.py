@@ -8,10 +8,11 @@ bounds how long a rank on another node waits in a collective for a peer that is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,27 @@ def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, param_dtype: torc
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside reduce gradients across ranks only when `enabled`: the micro-batches
+    before a step's last one accumulate locally and the last reduces their sum once. DDP has
+    `no_sync()`; FSDP2 (also behind torch.compile's wrapper, which forwards attributes) has
+    `set_requires_gradient_sync`. A module in one process has neither and never reduces."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -89,12 +89,10 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tenso
     """Forward and backward over micro-batches, gradients summed as if they were one batch.
     A micro-batch is the tuple of tensors that `model` takes, returning (output, loss).
     Returns the mean loss as a device tensor: reading it would wait for the device, so the
-    loop does that only when it logs. Under DDP only the last micro-batch synchronises gradients."""
+    loop does that only when it logs. Under DDP and FSDP only the last micro-batch reduces gradients."""
     losses = []
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-        with sync:
+        with distributed.gradient_sync(model, enabled=i == len(batches) - 1):
             with autocast():
                 _, loss = model(*batch)
             loss = loss / len(batches)
