@@ -28,7 +28,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -78,10 +78,20 @@ def _weights(model: GPT, head: torch.nn.Module | None, state: dict[str, torch.Te
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating-point value of `tensors` is finite (one read from the device)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
                        head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = _weights(model, head, weights)
+    if not all_finite(tensors.values()):  # the loop stops a diverged run before it saves; this is the last guard
+        raise GptError(f"refusing to write {folder.name.removesuffix('.tmp')}: its weights hold NaN or inf; "
+                       "the run diverged, lower train.lr and resume from an earlier checkpoint")
     folder.mkdir(parents=True)
-    save_file(_weights(model, head, weights), str(folder / WEIGHTS))
+    save_file(tensors, str(folder / WEIGHTS))
     fsync_path(folder / WEIGHTS)
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 from conftest import REPO, tiny_config, tiny_yaml
+from safetensors.torch import load_file
 
-from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint
+from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint, save_model_folder
 from gpt.config import apply_overrides, build_config, to_dict
 from gpt.data.formats import RunFolder
 from gpt.data.shards import load_dataset
@@ -215,6 +216,29 @@ def test_without_a_val_split_state_json_names_the_best_loss_for_the_train_split(
     older = TrainState()  # a checkpoint written before the split was named still loads
     older.load_state_dict({"iter": 3, "tokens": 96, "best_val_loss": 1.25})
     assert (older.best_loss, older.best_split, older.iter) == (1.25, "val", 3)
+
+
+def test_a_diverging_run_stops_before_it_saves_non_finite_weights(char_data, tmp_path):
+    """Saved at every step but logged never: the check before each save stops the run, so the
+    checkpoints kept (and `latest`) all hold finite weights."""
+    config = tiny_config(char_data, tmp_path / "run", max_iters=40, lr=1e9, min_lr=1e8, warmup_iters=0,
+                         eval_interval=100, log_interval=100, ckpt_interval=1, grad_clip=0.0)
+    with pytest.raises(GptError, match=r"at iter \d+: the run diverged; lower train.lr"):
+        train(config)
+    kept = RunFolder(tmp_path / "run").checkpoints()
+    assert kept and read_checkpoint(tmp_path / "run").path == kept[-1]
+    for folder in kept:
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values()), folder.name
+
+
+def test_checkpoints_refuse_non_finite_weights(tmp_path):
+    config = build_config({"model": {"preset": "tiny", "vocab_size": 10, "block_size": 8}})
+    model = GPT(config.model)
+    with torch.no_grad():
+        model.wte.weight[0, 0] = math.inf
+    with pytest.raises(GptError, match="refusing to write best: its weights hold NaN or inf"):
+        save_model_folder(tmp_path / "best", model, config, TokenizerSpec("byte"), {"iter": 0})
+    assert not (tmp_path / "best").exists() and not (tmp_path / "best.tmp").exists()
 
 
 def test_an_evaluation_without_a_val_split_logs_the_train_loss(capsys):

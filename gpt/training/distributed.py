@@ -12,12 +12,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.errors import GptError
@@ -112,6 +113,11 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each tensor: the local shard of an FSDP DTensor, else the tensor."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from gpt.checkpoint import (
     Checkpoint,
+    all_finite,
     load_optimizer,
     load_training_state,
     load_weights,
@@ -313,6 +314,18 @@ class Trainer:
             save_best(self.run, self.model, self.config, self.objective.tokenizer, self.state_json(),
                       head=self.head, weights=weights)
 
+    def check_finite(self, loss: torch.Tensor | None) -> None:
+        """Stop with one line, before anything is saved, when the step's loss (where given; not
+        under fp16, whose scaler skips such steps) or any weight is NaN or inf: a diverged run
+        must not leave a NaN checkpoint as `latest` while `keep_last` rotates the good ones out.
+        Every rank calls this and all agree (each checks its own shard of the weights)."""
+        loss_value = None if loss is None or self.scaler is not None else distributed.mean_across_ranks(loss, self.dist)
+        weights_bad = not all_finite(distributed.local_tensors(self.trained.parameters()))
+        if distributed.any_rank(weights_bad, self.dist, self.device):
+            raise diverged("the weights hold NaN or inf", self.state.iter)
+        if loss_value is not None and not math.isfinite(loss_value):
+            raise diverged(f"the training loss is {loss_value}", self.state.iter)
+
     def gather_weights(self) -> dict[str, torch.Tensor] | None:
         """An FSDP model's full weights on rank 0 (None when each rank holds them whole)."""
         return distributed.full_state_dict(self.trained) if self.sharded else None
@@ -340,6 +353,11 @@ class Trainer:
             print(f"warning: checkpoint was written by {len(ranks)} processes, this run has "
                   f"{self.dist.world_size}: weights and optimizer carry over; the data order and the random "
                   "generators restart from the seed", file=sys.stderr)
+
+
+def diverged(what: str, iteration: int) -> GptError:
+    return GptError(f"{what} at iter {iteration}: the run diverged; lower train.lr (and train.muon_lr), then resume "
+                    "from a checkpoint before it or start over")
 
 
 def check_parallel(parallel: str, config: Config, dtype: torch.dtype) -> None:
@@ -504,9 +522,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                 row.update(tok_per_s=tok_s, ms_per_iter=1000 * elapsed / window_iters, mfu=mfu(tok_s))
                 window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
                 if not math.isfinite(row["loss"]) and tr.scaler is None:  # fp16's scaler skips such steps itself
-                    raise GptError(f"the training loss is {row['loss']} at iter {state.iter}: the run diverged; "
-                                   "lower train.lr (and train.muon_lr), then resume from a checkpoint before it "
-                                   "or start over")
+                    raise diverged(f"the training loss is {row['loss']}", state.iter)
             paused = time.perf_counter()
             if budget is not None:
                 first = budget.plan is None
@@ -517,6 +533,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                 with _pausing(budget, "eval"):
                     evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
                     if state.record(evaluation) and tc.save_best:  # every rank: the evaluation agrees
+                        tr.check_finite(None)
                         tr.save_best()
                 row.update(evaluation.row())
             if row and main:
@@ -527,10 +544,12 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
             progress.advance(state.iter)
             if state.iter % tc.ckpt_interval == 0 or last:
                 with _pausing(budget, "ckpt"):
+                    tr.check_finite(loss)
                     tr.save()
             window_start += time.perf_counter() - paused  # speed counts training steps only
         stopped = state.iter < end
         if stopped:
+            tr.check_finite(None)
             tr.save()
             if main:
                 metrics.plot()  # a run stopped before its first evaluation has drawn nothing yet
