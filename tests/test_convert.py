@@ -25,6 +25,7 @@ from gpt.config import build_config
 from gpt.convert import read_hf, save_imported
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import GPT2Tokenizer, TokenizerSpec
+from gpt.errors import GptError
 from gpt.inference.sample import decode
 from gpt.model import GPT
 from gpt.training.objectives import check_init_from, init_weights
@@ -281,6 +282,19 @@ def test_init_from_hf_folder_or_converted_checkpoint_starts_from_gpt2(hf_model, 
     model = GPT(config.model)
     init_weights(model, check_init_from(init_from, config, load_dataset(gpt2_data).meta.tokenizer), config)
     assert torch.allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
+def test_a_language_model_with_three_added_tokens_is_not_taken_for_a_task_model(tmp_path):
+    """A task model is known by its head's tensors, not by its vocabulary being the tokenizer's
+    plus as many ids as a task adds."""
+    tokenizer = TokenizerSpec("byte")
+    grown = build_config({"model": {"preset": "tiny", "block_size": 8, "vocab_size": tokenizer.build().vocab_size + 3}})
+    save_model_folder(tmp_path / "grown", GPT(grown.model), grown, tokenizer, {"iter": 0})
+    config = build_config({"model": {"preset": "tiny", "block_size": 8, "vocab_size": tokenizer.build().vocab_size},
+                           "train": {"init_from": str(tmp_path / "grown")}})
+    with pytest.raises(GptError, match="the checkpoint's model differs: model.vocab_size=260 .here 257.") as refused:
+        check_init_from(str(tmp_path / "grown"), config, tokenizer)
+    assert "task model" not in str(refused.value)
 
 
 def test_init_from_hf_with_another_model_shape_is_one_line(cli, hf_dir, gpt2_data, tmp_path):

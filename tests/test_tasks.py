@@ -266,7 +266,7 @@ def test_language_model_training_from_a_task_model_is_refused_with_the_reason(ta
     config = build_config({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(char_data)},
                            "train": {"out_dir": str(tmp_path / "lm"), "device": "cpu", "max_iters": 2,
                                      "init_from": str(task_run("classify"))}})
-    with pytest.raises(GptError, match="is a task model .its vocabulary has 3 special tokens, and it has a task head.; "
+    with pytest.raises(GptError, match="is a task model .it has a task head, and its vocabulary has 3 special tokens.; "
                                        "start from the language model it was fine-tuned from"):
         train(config)
     assert not (tmp_path / "lm").exists()

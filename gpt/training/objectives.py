@@ -17,7 +17,7 @@ import torch
 
 from gpt.chat import CHAT_TOKENS, ChatTemplate, encode_conversations, read_chat_eval_file, read_chat_file
 from gpt.chat import collate as collate_chat
-from gpt.checkpoint import Checkpoint, assign_weights, split_head
+from gpt.checkpoint import HEAD_PREFIX, Checkpoint, assign_weights, split_head
 from gpt.config import Config, ModelConfig
 from gpt.convert import ImportedModel, read_model_source
 from gpt.data.formats import DatasetMeta
@@ -69,10 +69,9 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
     `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
     special tokens that a language model lacks: they keep their fresh initialisation."""
     source = read_model_source(path)
-    if config.task.kind is None and source.tokenizer == tokenizer \
-            and source.config.vocab_size == tokenizer.build().vocab_size + NUM_SPECIAL:
-        raise GptError(f"train.init_from {path} is a task model (its vocabulary has {NUM_SPECIAL} special "
-                       "tokens, and it has a task head); start from the language model it was fine-tuned from")
+    if config.task.kind is None and any(name.startswith(HEAD_PREFIX) for name in source.weights):
+        raise GptError(f"train.init_from {path} is a task model (it has a task head, and its vocabulary has "
+                       f"{NUM_SPECIAL} special tokens); start from the language model it was fine-tuned from")
     if source.tokenizer != tokenizer:  # before the shapes: a vocabulary of another size is this
         fix = ("a char model goes on only with data of exactly its characters: prepare text that has the same "
                "ones, or train from scratch" if source.tokenizer.name == "char" == tokenizer.name
