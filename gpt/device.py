@@ -120,14 +120,37 @@ def measured_matmul_flops(shapes: tuple[tuple[int, int, int], ...], dtype: torch
 def maybe_compile(model: torch.nn.Module, setting: bool | str, device: torch.device) -> torch.nn.Module:
     """torch.compile on CUDA for `auto` (on CPUs it gained ~5% here, less than it costs to
     start), anywhere for `true`. Compilation happens at the first forward; if it fails there,
-    torch's own `suppress_errors` runs that code eagerly and logs a warning."""
+    this model runs eagerly from then on with one line of warning (`_eager_if_compile_fails`).
+    torch's own `suppress_errors` is left alone: it would hold for everything compiled in the
+    process and log torch's multi-line report."""
     if setting is False or (setting == "auto" and device.type != "cuda"):
         return model
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
     try:
-        return torch.compile(model)
+        compiled = torch.compile(model)
     except Exception as exc:  # compile support varies by platform; eager always works
         print(f"warning: torch.compile unavailable ({type(exc).__name__}: {exc}); running eagerly", file=sys.stderr)
         return model
+    _eager_if_compile_fails(compiled, model)
+    return compiled
+
+
+def _eager_if_compile_fails(compiled: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Give `compiled` (torch's OptimizedModule, whose forward is an instance attribute that
+    compiles at the first call) a forward that, when dynamo or its backend fails, says so in one
+    line and runs `model` eagerly, then and for every later call. Other errors pass through."""
+    import torch._dynamo.exc
+
+    compiled_forward = compiled.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled_forward(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # BackendCompilerFailed (inductor's too), Unsupported
+            cause = getattr(exc, "inner_exception", exc)  # BackendCompilerFailed wraps the backend's error
+            first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+            reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+            print(f"warning: torch.compile failed on the model ({reason[:160]}); running it eagerly", file=sys.stderr)
+            compiled.forward = model.__call__
+            return model(*args, **kwargs)
+
+    compiled.forward = forward
