@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -119,19 +120,50 @@ def test_fp32_newton_schulz_is_torchs_iteration_at_higher_precision(shape):
 
 
 @needs_muon
-def test_fp32_muon_steps_like_torchs_muon_and_puts_its_function_back():
+def test_fp32_muon_steps_like_torchs_muon():
     torch.manual_seed(0)
     start = torch.randn(32, 16)
     weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
     grad = torch.randn(32, 16)
-    original = torch.optim._muon._zeropower_via_newtonschulz
     for weight, kind in zip(weights, (Fp32Muon, torch.optim.Muon)):
         optimizer = kind([weight], lr=0.02, weight_decay=0.0)
         weight.grad = grad.clone()
         optimizer.step()
-    assert torch.optim._muon._zeropower_via_newtonschulz is original
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0.02 * 0.05)
     assert not torch.equal(weights[0], weights[1])  # it did run the fp32 iteration
+
+
+def _muon_step(kind: type, start: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    weight = torch.nn.Parameter(start.clone())
+    weight.grad = grad.clone()
+    kind([weight], lr=0.02, weight_decay=0.0).step()
+    return weight.detach()
+
+
+@needs_muon
+def test_torchs_muon_in_another_thread_never_sees_fp32_muons_iteration(monkeypatch):
+    """While an Fp32Muon step is in its fp32 iteration (held there), torch's Muon steps in this
+    thread exactly as it does alone."""
+    start, grad = torch.randn(32, 16, generator=torch.Generator().manual_seed(0)), torch.randn(32, 16)
+    alone = _muon_step(torch.optim.Muon, start, grad)
+    inside, release = threading.Event(), threading.Event()
+
+    def held(*args):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            release.wait(10)
+        return orthogonalise_in_fp32(*args)
+
+    monkeypatch.setattr(optim, "orthogonalise_in_fp32", held)
+    ours = threading.Thread(target=_muon_step, args=(Fp32Muon, start, grad))
+    ours.start()
+    try:
+        assert inside.wait(10)
+        assert torch.equal(_muon_step(torch.optim.Muon, start, grad), alone)
+    finally:
+        release.set()
+        ours.join(10)
+    assert torch.equal(_muon_step(torch.optim.Muon, start, grad), alone)
 
 
 def test_resume_with_another_optimizer_is_refused(char_data, tmp_path, cli):

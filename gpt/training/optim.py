@@ -7,8 +7,8 @@ keeps its own peak (`train.muon_lr`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+import contextvars
+from typing import Any, Callable
 
 import torch
 
@@ -56,16 +56,27 @@ def orthogonalise_in_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, floa
     return wide.T if grad.size(0) > grad.size(1) else wide
 
 
-@contextlib.contextmanager
-def _newton_schulz(replacement: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """Swap the function torch's Muon orthogonalises with (a private name) while inside."""
+# True only inside an Fp32Muon step of this thread (a context variable: each thread and task has its own).
+_IN_FP32_MUON = contextvars.ContextVar("in_fp32_muon", default=False)
+
+
+def _route_newton_schulz() -> None:
+    """Put, once, a router in place of the function torch's Muon orthogonalises with (a private
+    name, and torch has no public hook for it): inside an Fp32Muon step of this thread it runs
+    `orthogonalise_in_fp32`, everywhere else torch's own function. Every other optimizer in the
+    process, in any thread, computes exactly as before; nothing is swapped per step."""
     module = torch.optim._muon
+    if getattr(module._zeropower_via_newtonschulz, "routes_fp32_muon", False):
+        return
     original = module._zeropower_via_newtonschulz
-    module._zeropower_via_newtonschulz = replacement
-    try:
-        yield
-    finally:
-        module._zeropower_via_newtonschulz = original
+
+    def route(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+              eps: float) -> torch.Tensor:
+        chosen = orthogonalise_in_fp32 if _IN_FP32_MUON.get() else original
+        return chosen(grad, ns_coefficients, ns_steps, eps)
+
+    route.routes_fp32_muon = True
+    module._zeropower_via_newtonschulz = route
 
 
 # On a torch without Muon (before 2.9) the class derives from Optimizer and is never used.
@@ -75,9 +86,16 @@ class Fp32Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim
     step of the char config 900 ms instead of 130 (AdamW: 115), for the same losses to 1e-4
     (BENCHMARKS.md, issue 13). GPUs and bf16 CPUs keep torch's own Muon."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _route_newton_schulz()
+
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        with _newton_schulz(orthogonalise_in_fp32):
+        token = _IN_FP32_MUON.set(True)
+        try:
             return super().step(closure)
+        finally:
+            _IN_FP32_MUON.reset(token)
 
 
 def muon_class(device: torch.device) -> type[torch.optim.Optimizer]:
