@@ -17,10 +17,8 @@ their size). DCP reshards on load, so the optimizer resumes under any world size
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import pickle
 import re
 import shutil
@@ -28,7 +26,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -42,14 +40,13 @@ from torch.distributed.tensor import DTensor
 from gpt.config import Config, build_config, dump_yaml, read_yaml
 from gpt.data.formats import RunFolder
 from gpt.data.tokenizer import Tokenizer, TokenizerSpec
-from gpt.durable import fsync_path, write_durably
+from gpt.durable import link_atomically, replacing_folder, write_durably
 from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import distributed
 
 WEIGHTS = RunFolder.WEIGHTS
-# An FSDP run's optimizer state: a torch.distributed.checkpoint folder inside the checkpoint.
-OPTIMIZER_SHARDS = "optimizer"
+OPTIMIZER_SHARDS = RunFolder.OPTIMIZER_SHARDS
 # A task head's weights sit beside the model's in model.safetensors under this prefix.
 HEAD_PREFIX = "head."
 
@@ -88,22 +85,13 @@ def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: Toke
                        head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     tensors = _weights(model, head, weights)
     if not all_finite(tensors.values()):  # the loop stops a diverged run before it saves; this is the last guard
-        raise GptError(f"refusing to write {folder.name.removesuffix('.tmp')}: its weights hold NaN or inf; "
-                       "the run diverged, lower train.lr and resume from an earlier checkpoint")
+        raise GptError("refusing to write a checkpoint whose weights hold NaN or inf: the run diverged; lower "
+                       "train.lr and resume from an earlier checkpoint")
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / WEIGHTS))
-    fsync_path(folder / WEIGHTS)
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
     write_durably(folder / RunFolder.STATE, json.dumps(state, indent=1) + "\n")
-
-
-def _atomic_link(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_path(link.parent)
 
 
 def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
@@ -117,7 +105,6 @@ def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerS
             _write_model_files(tmp, model, config, tokenizer, state, head, weights)
             if training is not None:
                 torch.save(training, tmp / RunFolder.TRAINING)
-                fsync_path(tmp / RunFolder.TRAINING)
             if optimizer_shards is not None:
                 optimizer_shards.rename(tmp / OPTIMIZER_SHARDS)
     except (OSError, SafetensorError, RuntimeError) as exc:
@@ -138,7 +125,7 @@ def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: Token
     # deleting it to write it again would leave `latest` dangling for a moment.
     if not final.is_dir():
         _write_folder(final, model, config, tokenizer, state, training, head, weights, optimizer_shards)
-    _atomic_link(run.latest, final.name)
+    link_atomically(run.latest, final.name)
     for old in run.checkpoints()[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -151,37 +138,16 @@ def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: Token
         _write_model_files(tmp, model, config, tokenizer, state)
 
 
-@contextlib.contextmanager
-def replacing_folder(final: Path) -> Iterator[Path]:
-    """Yield a path beside `final` to write a new folder at. When the block succeeds the new
-    folder is fsynced and replaces `final` (an old one is moved aside first, then deleted);
-    when it fails the new folder is removed. Readers see the old folder or the new one,
-    never a half-written one."""
-    tmp, old = final.with_name(f"{final.name}.tmp"), final.with_name(f"{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        fsync_path(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    fsync_path(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
               head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Point `best` at a new complete best_<iter>/ folder, then delete the previous one. At
     every moment `best` is either the old complete folder or the new one."""
-    final = run.root / f"best_{state['iter']:06d}"
+    final = run.best_folder(state['iter'])
     if not final.is_dir():
         _write_folder(final, model, config, tokenizer, state, head=head, weights=weights)
-    _atomic_link(run.best, final.name)
-    for old in run.root.glob("best_*"):
-        if old.name != final.name and old.is_dir():
+    link_atomically(run.best, final.name)
+    for old in run.best_folders():
+        if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -305,7 +271,7 @@ def stage_optimizer_shards(run: RunFolder, iteration: int, model: torch.nn.Modul
     """Every rank writes its part of the optimizer state into a hidden folder beside the
     checkpoint (rank 0 writes the index last); rank 0's `save_checkpoint` then moves it into
     the new checkpoint. Every rank must call this."""
-    folder = run.root / f".{run.checkpoint(iteration).name}.{OPTIMIZER_SHARDS}"
+    folder = run.optimizer_staging(iteration)
     if dist.is_main:
         shutil.rmtree(folder, ignore_errors=True)  # what an interrupted save left
     distributed.barrier(dist)

@@ -30,13 +30,12 @@ from gpt.checkpoint import (
     load_model,
     read_checkpoint,
     read_weights,
-    replacing_folder,
     safe_torch_load,
     save_model_folder,
 )
 from gpt.config import Config, ModelConfig, build_config
 from gpt.data.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
-from gpt.durable import fsync_path
+from gpt.durable import replacing_folder, write_durably
 from gpt.errors import GptError
 from gpt.model import GPT
 
@@ -391,10 +390,8 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
     with replacing_folder(Path(out_dir)) as tmp:
         tmp.mkdir(parents=True)
         save_file(_to_gpt2_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        fsync_path(tmp / "model.safetensors")
         for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-            fsync_path(tmp / name)
+            write_durably(tmp / name, text)
     return model
 
 

@@ -7,12 +7,15 @@ reader sees either the old file or the complete new one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import shutil
 import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from gpt.errors import GptError
 
@@ -45,6 +48,50 @@ def replace_atomically(path: Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def link_atomically(link: Path, target: str) -> None:
+    """Point the symlink `link` at `target` (relative to its folder) by renaming a new link over it."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_path(link.parent)
+
+
+def temporary_folder(final: Path) -> Path:
+    """Where `replacing_folder` writes the folder that becomes `final` (`NAME.tmp`)."""
+    return final.with_name(f"{final.name}.tmp")
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Make the folder `new` durable (everything in it, then itself) and rename it to `final`.
+    An existing `final` is first renamed aside (hidden, `.NAME.old-PID`) and deleted after:
+    readers see the old folder or the new one, never a mix of both."""
+    for path in new.rglob("*"):
+        fsync_path(path)
+    fsync_path(new)
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
+    if aside is not None:
+        final.rename(aside)
+    new.rename(final)
+    fsync_path(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replacing_folder(final: Path) -> Iterator[Path]:
+    """Yield `temporary_folder(final)` (not yet created) to write a new folder at. When the block
+    succeeds it replaces `final` (`replace_folder`); when it fails it is removed."""
+    tmp = temporary_folder(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, final)
 
 
 def save_png(fig, path: Path, dpi: int = 100) -> None:

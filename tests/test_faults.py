@@ -1,6 +1,7 @@
 """Nothing is lost: kill -9 at random moments, full disks, and a second process on the same folder."""
 
 import errno
+import os
 import random
 import shutil
 import subprocess
@@ -17,10 +18,10 @@ from gpt.checkpoint import load_model, load_training_state, read_checkpoint
 from gpt.data.formats import RunFolder
 from gpt.data.prepare import PrepareOptions, prepare
 from gpt.data.shards import load_dataset
-from gpt.durable import FolderLock
+from gpt.durable import FolderLock, replacing_folder
 from gpt.errors import GptError
 from gpt.training.loop import train
-from gpt.training.metrics import read_metrics
+from gpt.training.metrics import MetricsLog, read_metrics
 
 LOGGED = ("iter", "tokens", "loss", "lr", "grad_norm", "eval_train_loss", "val_loss")
 
@@ -97,6 +98,39 @@ def test_a_full_disk_while_writing_metrics_stops_the_run(char_data, tmp_path, mo
     monkeypatch.setattr("builtins.open", full_disk_for_metrics)
     with pytest.raises(GptError, match=r"cannot write .*metrics.csv \(No space left on device\)"):
         train(tiny_config(char_data, tmp_path / "run", max_iters=4))
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    """The paths os.fsync was called on (resolved when it was called), in order."""
+    paths = []
+    original = os.fsync
+
+    def record(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return original(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return paths
+
+
+def test_metrics_csv_is_rewritten_durably_with_its_folder(tmp_path, fsynced):
+    MetricsLog(RunFolder(tmp_path), None, tensorboard=False)
+    assert (tmp_path / "metrics.csv").read_text().startswith("iter,tokens,")
+    assert fsynced[-1] == str(tmp_path)  # the rename is durable only once the folder is synced
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_replaced_folder_is_synced_whole_before_and_after_its_rename(tmp_path, fsynced):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with replacing_folder(final) as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "new.txt").write_text("new")  # a plain write: the swap syncs it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (final / "sub" / "new.txt").read_text() == "new" and not (final / "old.txt").exists()
+    assert {str(tmp / "sub" / "new.txt"), str(tmp / "sub"), str(tmp)} <= set(fsynced) and fsynced[-1] == str(tmp_path)
 
 
 def test_a_full_disk_while_writing_shards_leaves_nothing(tmp_path, monkeypatch, cli):

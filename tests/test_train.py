@@ -268,7 +268,7 @@ def test_checkpoints_refuse_non_finite_weights(tmp_path):
     model = GPT(config.model)
     with torch.no_grad():
         model.wte.weight[0, 0] = math.inf
-    with pytest.raises(GptError, match="refusing to write best: its weights hold NaN or inf"):
+    with pytest.raises(GptError, match="refusing to write a checkpoint whose weights hold NaN or inf"):
         save_model_folder(tmp_path / "best", model, config, TokenizerSpec("byte"), {"iter": 0})
     assert not (tmp_path / "best").exists() and not (tmp_path / "best.tmp").exists()
 

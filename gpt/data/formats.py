@@ -143,17 +143,23 @@ def _plain_name(name: Any, where: str) -> str:
 
 # ----------------------------------------------------------------------------- run folder
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})$")
+BEST_PATTERN = re.compile(r"^best_(\d{6,})$")
 
 
 @dataclass(frozen=True)
 class RunFolder:
-    """Where a training run keeps its files (train.out_dir):
+    """Where a training run keeps its files (train.out_dir), the one owner of their names:
 
         ckpt_000500/  model.safetensors, config.yaml, tokenizer.json, state.json, optimizer.pt
+                      (an FSDP run: optimizer/, its sharded optimizer state, instead of optimizer.pt)
         latest -> ckpt_000500        the newest complete checkpoint
-        best/                        lowest val loss: weights, config, tokenizer, state
+        best -> best_000400/         lowest val loss: weights, config, tokenizer, state
         config.yaml                  the resolved config, written at start (each checkpoint has its own)
-        metrics.csv, loss.png, tensorboard/
+        metrics.csv, loss.png, tensorboard/, .lock
+
+    Folders are written as `NAME.tmp` and renamed (`gpt.durable.replacing_folder`), so a name
+    above exists only complete; an FSDP run's ranks stage the optimizer shards of checkpoint N
+    in `.ckpt_N.optimizer` before it moves into the checkpoint.
     """
 
     root: Path
@@ -164,6 +170,7 @@ class RunFolder:
     TOKENIZER = "tokenizer.json"
     STATE = "state.json"
     TRAINING = "optimizer.pt"  # optimizer, scaler and per-rank sampler/RNG states
+    OPTIMIZER_SHARDS = "optimizer"  # an FSDP run's optimizer state: a torch.distributed.checkpoint folder
 
     @property
     def lock(self) -> Path:
@@ -196,18 +203,30 @@ class RunFolder:
     def checkpoint(self, iteration: int) -> Path:
         return self.root / f"ckpt_{iteration:06d}"
 
+    def best_folder(self, iteration: int) -> Path:
+        return self.root / f"best_{iteration:06d}"
+
+    def optimizer_staging(self, iteration: int) -> Path:
+        return self.root / f".{self.checkpoint(iteration).name}.{self.OPTIMIZER_SHARDS}"
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint folders, oldest first (unfinished ones still end in .tmp)."""
+        return self._numbered(CKPT_PATTERN)
+
+    def best_folders(self) -> list[Path]:
+        """Complete best_N folders, oldest first (normally one: `best` points at it)."""
+        return self._numbered(BEST_PATTERN)
+
+    def _numbered(self, pattern: re.Pattern) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
-        return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)))
+        found = [p for p in self.root.iterdir() if p.is_dir() and pattern.match(p.name)]
+        return sorted(found, key=lambda p: int(pattern.match(p.name).group(1)))
 
     def run_files(self) -> list[Path]:
         """Everything a new run started with --overwrite removes."""
-        best_folders = sorted(p for p in self.root.glob("best_*") if p.is_dir()) if self.root.is_dir() else []
-        return self.checkpoints() + best_folders + [self.latest, self.best, self.run_config, self.metrics, self.plot,
-                                                         self.tensorboard]
+        return self.checkpoints() + self.best_folders() + [self.latest, self.best, self.run_config, self.metrics,
+                                                           self.plot, self.tensorboard]
 
     def holds_run(self) -> bool:
         return any(p.exists() or p.is_symlink() for p in self.run_files())

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gpt.data.formats import META_FILE, TOKEN_DTYPE, DatasetMeta, SplitInfo
 from gpt.data.shards import ShardWriter
 from gpt.data.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
-from gpt.durable import FolderLock, fsync_path
+from gpt.durable import FolderLock, replace_folder
 from gpt.errors import GptError
 
 CHUNK_BYTES = 1 << 18
@@ -384,7 +384,7 @@ def prepare(opts: PrepareOptions) -> Path:
         os.chmod(work, 0o755)  # mkdtemp makes it private; a dataset is an ordinary folder
         try:
             _prepare_into(opts, train_sources, val_sources, tokenizer_name, out, work)
-            _replace_folder(work, out)
+            replace_folder(work, out)
         except OSError as exc:
             shutil.rmtree(work, ignore_errors=True)
             raise GptError(f"{exc.filename or out}: {exc.strerror}; free disk space or fix the permissions, "
@@ -432,17 +432,3 @@ def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources
     (work / "stdin.txt").unlink(missing_ok=True)
     DatasetMeta(tokenizer=tokenizer.spec, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot, splits=splits,
                 sources=sources, created_by=opts.command).write(work)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    for path in new.iterdir():
-        fsync_path(path)
-    fsync_path(new)
-    trash = None
-    if target.exists():
-        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(trash)
-    new.rename(target)
-    fsync_path(target.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)

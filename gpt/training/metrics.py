@@ -4,7 +4,7 @@ and the progress shown on the terminal."""
 from __future__ import annotations
 
 import csv
-import os
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from gpt.data.formats import RunFolder
-from gpt.durable import save_png
+from gpt.durable import replace_atomically, save_png
 from gpt.errors import GptError
 
 COLUMNS = ["iter", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "ms_per_iter", "mfu",
@@ -51,14 +51,11 @@ class MetricsLog:
         self.tb = _tensorboard_writer(run.tensorboard) if tensorboard else None
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        replace_atomically(self.path, text.getvalue())
 
     def write(self, row: dict[str, Any]) -> None:
         try:
