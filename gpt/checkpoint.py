@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor
 
 from gpt.config import Config, build_config, dump_yaml, read_yaml
-from gpt.data.formats import RunFolder
+from gpt.data.formats import RunFolder, RunState
 from gpt.data.tokenizer import Tokenizer, TokenizerSpec
 from gpt.durable import link_atomically, replacing_folder, write_durably
 from gpt.errors import GptError
@@ -56,7 +56,7 @@ class Checkpoint:
     path: Path
     config: Config
     tokenizer_spec: TokenizerSpec
-    state: dict[str, Any]  # state.json: iter, tokens, best_val_loss (best_train_loss without val data), losses
+    state: RunState  # state.json
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -81,7 +81,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.stack(checks).all()) if checks else True
 
 
-def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
                        head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     tensors = _weights(model, head, weights)
     if not all_finite(tensors.values()):  # the loop stops a diverged run before it saves; this is the last guard
@@ -91,10 +91,10 @@ def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: Toke
     save_file(tensors, str(folder / WEIGHTS))
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
-    write_durably(folder / RunFolder.STATE, json.dumps(state, indent=1) + "\n")
+    write_durably(folder / RunFolder.STATE, json.dumps(state.to_json(), indent=1) + "\n")
 
 
-def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
                   training: dict | None = None, head: torch.nn.Module | None = None,
                   weights: dict[str, torch.Tensor] | None = None, optimizer_shards: Path | None = None) -> None:
     """Write a complete checkpoint folder at `final` (through a temporary one and a rename). A
@@ -113,14 +113,14 @@ def _write_folder(final: Path, model: GPT, config: Config, tokenizer: TokenizerS
                        "train.out_dir, then resume: the previous checkpoint is intact") from None
 
 
-def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
                     training: dict, keep_last: int, head: torch.nn.Module | None = None,
                     weights: dict[str, torch.Tensor] | None = None, optimizer_shards: Path | None = None) -> Path:
     """Write ckpt_<iter>/ atomically, point `latest` at it, delete all but the newest `keep_last`.
     `state` goes to state.json (readable); `training` (optimizer, scaler, per-rank sampler and
     RNG states) to optimizer.pt; a task run's `head` goes beside the model's weights. An FSDP
     run gives its gathered `weights` and the folder `stage_optimizer_shards` wrote."""
-    final = run.checkpoint(state["iter"])
+    final = run.checkpoint(state.iter)
     # An iteration already saved (a resumed run stopped before its first step) is kept:
     # deleting it to write it again would leave `latest` dangling for a moment.
     if not final.is_dir():
@@ -131,18 +131,18 @@ def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: Token
     return final
 
 
-def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict) -> None:
+def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState) -> None:
     """Write (or replace) a weights-only checkpoint folder, which `gpt sample`, `gpt info` and
     `train.init_from` accept."""
     with replacing_folder(folder) as tmp:
         _write_model_files(tmp, model, config, tokenizer, state)
 
 
-def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: dict,
+def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
               head: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Point `best` at a new complete best_<iter>/ folder, then delete the previous one. At
     every moment `best` is either the old complete folder or the new one."""
-    final = run.best_folder(state['iter'])
+    final = run.best_folder(state.iter)
     if not final.is_dir():
         _write_folder(final, model, config, tokenizer, state, head=head, weights=weights)
     link_atomically(run.best, final.name)
@@ -180,12 +180,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         config = build_config(read_yaml(folder / RunFolder.CONFIG))
         tokenizer_json = json.loads((folder / RunFolder.TOKENIZER).read_text(encoding="utf-8"))
         tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER))
-        state = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
+        state_json = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
+        state = RunState.from_json(state_json, str(folder / RunFolder.STATE))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:
         raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); {ANOTHER_CHECKPOINT}") from None
-    if not isinstance(state, dict) or config.model.vocab_size is None:
-        raise GptError(f"checkpoint {folder} is corrupt (no vocab_size in {RunFolder.CONFIG} or {RunFolder.STATE} "
-                       f"is not an object); {ANOTHER_CHECKPOINT}")
+    if config.model.vocab_size is None:
+        raise GptError(f"checkpoint {folder} is corrupt (no vocab_size in {RunFolder.CONFIG}); {ANOTHER_CHECKPOINT}")
     return Checkpoint(path=folder, config=config, tokenizer_spec=tokenizer, state=state)
 
 

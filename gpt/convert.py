@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from gpt.checkpoint import (
     save_model_folder,
 )
 from gpt.config import Config, ModelConfig, build_config
+from gpt.data.formats import RunState
 from gpt.data.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
 from gpt.durable import replacing_folder, write_durably
 from gpt.errors import GptError
@@ -64,7 +66,7 @@ class ImportedModel:
     config: ModelConfig
     tokenizer: TokenizerSpec
     weights: dict[str, torch.Tensor]
-    state: dict[str, Any]
+    state: RunState
 
 
 # ----------------------------------------------------------------------------- tensor names
@@ -156,7 +158,7 @@ def read_hf(folder: str | Path) -> ImportedModel:
     if tokenizer.vocab_size > config.vocab_size:
         raise GptError(f"{folder}: vocab_size {config.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                        f"{tokenizer.vocab_size}; the model cannot read that tokenizer's ids")
-    return ImportedModel(config, spec, weights, {"iter": 0, "tokens": 0, "converted_from": str(folder)})
+    return ImportedModel(config, spec, weights, RunState(converted_from=str(folder)))
 
 
 def _without_zero_biases(weights: dict[str, torch.Tensor], config: ModelConfig
@@ -264,14 +266,16 @@ def read_nanogpt(ckpt_path: str | Path, meta_path: str | Path | None = None) -> 
         raise GptError(f"{ckpt_path}: vocab_size {config.vocab_size} is not GPT-2's; "
                        "for a character-level run pass its meta.pkl with --meta")
     weights, config = _keep_vocab_rows(weights, config, rows)
-    state = {"iter": ckpt.get("iter_num", 0), "tokens": 0, "best_val_loss": ckpt.get("best_val_loss"),
-             "converted_from": str(ckpt_path)}
-    return ImportedModel(config, tokenizer.spec, weights, _plain_numbers(state))
+    iteration, best = _plain_number(ckpt.get("iter_num")), _plain_number(ckpt.get("best_val_loss"))
+    state = RunState(iter=int(iteration) if isinstance(iteration, int) and iteration >= 0 else 0,
+                     best_loss=float(best) if isinstance(best, (int, float)) else math.inf,
+                     converted_from=str(ckpt_path))
+    return ImportedModel(config, tokenizer.spec, weights, state)
 
 
-def _plain_numbers(state: dict[str, Any]) -> dict[str, Any]:
+def _plain_number(value: Any) -> Any:
     """nanoGPT keeps best_val_loss as a tensor; state.json wants plain numbers."""
-    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 def _keep_vocab_rows(weights: dict[str, torch.Tensor], config: ModelConfig,
@@ -346,7 +350,7 @@ def save_imported(imported: ImportedModel, out_dir: str | Path) -> GPT:
     """Write an imported model as one of our checkpoint folders; returns the model."""
     with torch.device("meta"):
         model = GPT(imported.config)
-    assign_weights(model, imported.weights, imported.state["converted_from"])
+    assign_weights(model, imported.weights, imported.state.converted_from)
     save_model_folder(Path(out_dir), model, Config(model=imported.config), imported.tokenizer, imported.state)
     return model
 

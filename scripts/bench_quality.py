@@ -52,7 +52,7 @@ def main() -> None:
         ckpt = read_checkpoint(out_dir)
         result = whole_val(load_model(ckpt), ckpt.tokenizer_spec, args.data)
         rows.append(f"| {date.today()} | {name} | {args.minutes:g} min budget, {wall / 60:.1f} min wall "
-                    f"| {ckpt.state['iter']:,} iters | {result.loss:.4f} | {result.bits_per_byte:.3f} |")
+                    f"| {ckpt.state.iter:,} iters | {result.loss:.4f} | {result.bits_per_byte:.3f} |")
     print(f"\nhost: {host()}\n")
     print("| date | run | time | steps | val loss (whole split) | bits/char |\n|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -42,7 +42,7 @@ def fine_tune(name: str, folder: str, out: Path, overrides: list[str]) -> str:
                    check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     final, best = read_checkpoint(run).state, read_checkpoint(run / "best").state
-    return (f"| {name} | {final['accuracy']['val']:.3f} | {best['accuracy']['val']:.3f} (iter {best['iter']}) "
+    return (f"| {name} | {final.accuracy['val']:.3f} | {best.accuracy['val']:.3f} (iter {best.iter}) "
             f"| {wall / 60:.1f} min |")
 
 

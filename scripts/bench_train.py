@@ -64,7 +64,7 @@ def main() -> None:
     whole = whole_val(model, ckpt.tokenizer_spec, config.data.dir)
     batches = evaluate(model, load_dataset(config.data.dir), model.config.block_size, 32, 200, seed=0,
                        device=torch.device("cpu"), autocast=FP32)
-    print(f"\n| {date.today()} | {host()} | `python {' '.join(sys.argv)}` | {ckpt.state['iter']} iters "
+    print(f"\n| {date.today()} | {host()} | `python {' '.join(sys.argv)}` | {ckpt.state.iter} iters "
           f"| {wall / 60:.1f} min | val {whole.loss:.4f} ({whole.bits_per_byte:.3f} bits/byte) "
           f"| 200 batches: train {batches['train']:.4f}, val {batches['val']:.4f} |")
     print(f"loss curve: {Path(config.train.out_dir) / 'loss.png'}")

@@ -177,8 +177,8 @@ def test_budget_plans_the_run_records_the_plan_and_ends_at_min_lr(char_data, tmp
         "budget 0.05 min: the last step (iter 23) ended at 0.05 min, 95.8% of the budget; last measured "
         "125.0 ms/step"]
     latest = read_checkpoint(tmp_path / "run")
-    assert latest.state["iter"] == 23 and latest.state["budget"]["plan"] == 23
-    assert latest.state["budget"]["spent"] == 23 * 0.125
+    assert latest.state.iter == 23 and latest.state.budget["plan"] == 23
+    assert latest.state.budget["spent"] == 23 * 0.125
     saved = yaml.safe_load((latest.path / RunFolder.CONFIG).read_text())["train"]
     assert saved["max_iters"] == 23 and saved["max_minutes"] == 0.05
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
@@ -194,7 +194,7 @@ def test_a_budgeted_run_resumed_past_its_plan_says_how_to_train_on(char_data, tm
             "(train.max_minutes=0.05) planned; add train.max_minutes=null and a higher train.max_iters to train on"
             ) in capsys.readouterr().out.splitlines()
     assert train(with_changes(config, "train.max_iters=25", "train.max_minutes=null"), resume=True) == 0
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 25
+    assert read_checkpoint(tmp_path / "run").state.iter == 25
 
 
 @pytest.mark.slow

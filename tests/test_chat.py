@@ -12,6 +12,7 @@ from conftest import tiny_config
 from gpt.chat import ChatExample, ChatItem, ChatTemplate, Message, collate, encode_conversations, fit_turns
 from gpt.checkpoint import save_model_folder
 from gpt.config import build_config, dump_yaml
+from gpt.data.formats import RunState
 from gpt.data.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, TokenizerSpec
 from gpt.errors import GptError
 from gpt.evaluation.chat import ChatResult, ChatScore
@@ -194,7 +195,7 @@ def test_to_hf_writes_a_chat_template_that_gives_our_ids(cli, tmp_path):
                                      "activation": "gelu_tanh", "vocab_size": template.vocab_size},
                            "task": {"kind": "chat", "train": "unused.jsonl"}})
     torch.manual_seed(0)
-    save_model_folder(tmp_path / "chat", GPT(config.model), config, TokenizerSpec("gpt2"), {"iter": 0})
+    save_model_folder(tmp_path / "chat", GPT(config.model), config, TokenizerSpec("gpt2"), RunState())
     code, _, err = cli("convert", "to-hf", tmp_path / "chat", tmp_path / "hf")
     assert code == 0, err
     hf = AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -23,6 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from gpt.checkpoint import load_model, read_checkpoint, save_model_folder
 from gpt.config import build_config
 from gpt.convert import read_hf, save_imported
+from gpt.data.formats import RunState
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import GPT2Tokenizer, TokenizerSpec
 from gpt.errors import GptError
@@ -216,7 +217,7 @@ def test_our_gpt2_shaped_models_export_exactly_and_come_back(cli, tmp_path, mode
     with torch.no_grad():
         for param in ours.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    save_model_folder(tmp_path / "ckpt", ours, config, TokenizerSpec("byte"), {"iter": 7})
+    save_model_folder(tmp_path / "ckpt", ours, config, TokenizerSpec("byte"), RunState(iter=7))
     assert cli("convert", "to-hf", tmp_path / "ckpt", tmp_path / "hf")[0] == 0
     idx = ids % 257
     hf_model, loading = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -233,7 +234,7 @@ def test_our_gpt2_shaped_models_export_exactly_and_come_back(cli, tmp_path, mode
 def test_biases_trained_in_transformers_after_a_bias_free_export_are_kept(cli, tmp_path, ids):
     config = build_config({"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": CONTEXT,
                                      "vocab_size": 257, "bias": False}})
-    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), {"iter": 1})
+    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), RunState(iter=1))
     assert cli("convert", "to-hf", tmp_path / "ckpt", tmp_path / "hf")[0] == 0
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     with torch.no_grad():
@@ -256,7 +257,7 @@ def test_biases_trained_in_transformers_after_a_bias_free_export_are_kept(cli, t
 ])
 def test_models_gpt2_cannot_express_are_refused_by_field(cli, tmp_path, model, message):
     config = build_config({"model": {"preset": "tiny", "vocab_size": 257, **model}})
-    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), {"iter": 0})
+    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), RunState(iter=0))
     assert_one_line_error(cli("convert", "to-hf", tmp_path / "ckpt", tmp_path / "hf"), message)
     assert not (tmp_path / "hf").exists()
 
@@ -289,7 +290,7 @@ def test_a_language_model_with_three_added_tokens_is_not_taken_for_a_task_model(
     plus as many ids as a task adds."""
     tokenizer = TokenizerSpec("byte")
     grown = build_config({"model": {"preset": "tiny", "block_size": 8, "vocab_size": tokenizer.build().vocab_size + 3}})
-    save_model_folder(tmp_path / "grown", GPT(grown.model), grown, tokenizer, {"iter": 0})
+    save_model_folder(tmp_path / "grown", GPT(grown.model), grown, tokenizer, RunState(iter=0))
     config = build_config({"model": {"preset": "tiny", "block_size": 8, "vocab_size": tokenizer.build().vocab_size},
                            "train": {"init_from": str(tmp_path / "grown")}})
     with pytest.raises(GptError, match="the checkpoint's model differs: model.vocab_size=260 .here 257.") as refused:
@@ -343,7 +344,7 @@ def test_nanogpt_checkpoint_imports_with_its_logits(cli, tmp_path, ids, bias, vo
     assert code == 0, err
     checkpoint = read_checkpoint(tmp_path / "out")
     assert checkpoint.config.model.vocab_size == VOCAB and checkpoint.tokenizer_spec == TokenizerSpec("gpt2")
-    assert checkpoint.state["iter"] == 5000 and checkpoint.state["best_val_loss"] == 1.25
+    assert checkpoint.state.iter == 5000 and checkpoint.state.best_loss == 1.25
     assert torch.allclose(our_logits(load_model(checkpoint), ids), hf_logits(reference, ids), atol=1e-4, rtol=0)
 
 

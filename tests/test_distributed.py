@@ -156,11 +156,11 @@ def test_fsdp_checkpoint_is_sharded_samples_in_one_process_and_resumes_under_oth
     assert result.returncode == 0, job_errors(result)
     assert "written by 2 processes" in result.stderr and "restart" in result.stderr
     single = read_checkpoint(tmp_path / "run")
-    assert single.state["iter"] == 4 and (single.path / "optimizer.pt").is_file()
+    assert single.state.iter == 4 and (single.path / "optimizer.pt").is_file()
     # one process -> FSDP: the index-keyed optimizer.pt is resharded by name.
     result = gpt_train(config, "--resume", "train.max_iters=5", nproc=2)
     assert result.returncode == 0, job_errors(result)
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 5
+    assert read_checkpoint(tmp_path / "run").state.iter == 5
 
 
 @pytest.mark.slow
@@ -169,17 +169,17 @@ def test_torchrun_two_processes_train_and_resume(char_data, tmp_path):
     result = gpt_train(config, nproc=2)
     assert result.returncode == 0, job_errors(result)
     ckpt = read_checkpoint(tmp_path / "run")
-    assert ckpt.state["iter"] == 6 and ckpt.state["world_size"] == 2
+    assert ckpt.state.iter == 6 and ckpt.state.world_size == 2
     ranks = load_training_state(ckpt.path)["ranks"]
     assert len(ranks) == 2 and ranks[0]["data"] == ranks[1]["data"]  # one seed: each rank keeps its own rows
     assert not torch.equal(ranks[0]["rng"]["cpu"], ranks[1]["rng"]["cpu"])  # but its own dropout
-    assert ckpt.state["tokens"] == 6 * 2 * 4 * 32
+    assert ckpt.state.tokens == 6 * 2 * 4 * 32
     assert result.stdout.count("\nmodel: ") == 1  # only rank 0 prints
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["iter"]) for r in rows] == list(range(1, 7))
     result = gpt_train(config, "--resume", "train.max_iters=8", nproc=2)
     assert result.returncode == 0, job_errors(result)
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 8
+    assert read_checkpoint(tmp_path / "run").state.iter == 8
 def _worker_of_rank(parent_pid: int, rank: int) -> int:
     """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
     children = Path(f"/proc/{parent_pid}/task/{parent_pid}/children").read_text().split()
@@ -201,7 +201,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(char_data, tmp_p
     os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
     proc.communicate(timeout=120)  # a rank left waiting in a collective would hang here
     ckpt = read_checkpoint(tmp_path / "run")
-    assert ckpt.state["iter"] >= 3 and len(load_training_state(ckpt.path)["ranks"]) == 2
+    assert ckpt.state.iter >= 3 and len(load_training_state(ckpt.path)["ranks"]) == 2
 
 
 
@@ -235,7 +235,7 @@ def test_ranks_whose_clocks_disagree_take_rank_0s_budget_decisions(char_data, tm
     assert result.returncode == 0, job_errors(result)
     assert len([line for line in result.stdout.splitlines() if "max_iters=" in line and "for now" in line]) == 1
     state = read_checkpoint(tmp_path / "run").state
-    assert state["iter"] == state["budget"]["plan"] > 20  # rank 1's plans would end right after the first
+    assert state.iter == state.budget["plan"] > 20  # rank 1's plans would end right after the first
 
 
 @pytest.mark.parametrize(("setting", "world_size", "expected"), [

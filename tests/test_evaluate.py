@@ -11,7 +11,7 @@ from conftest import REPO, SHAKESPEARE
 
 from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
-from gpt.data.formats import RunFolder
+from gpt.data.formats import RunFolder, RunState
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, TokenizerSpec
 from gpt.errors import GptError
@@ -346,7 +346,7 @@ def char_checkpoint(tmp_path, char_data):
     config = build_config({"model": {"preset": "tiny", "block_size": 32, "vocab_size": dataset.vocab_size},
                            "data": {"dir": str(char_data)}, "train": {"device": "cpu"}})
     return save_checkpoint(RunFolder(tmp_path / "run"), GPT(config.model), config, dataset.meta.tokenizer,
-                           {"iter": 0, "tokens": 0}, {}, keep_last=1)
+                           RunState(), {}, keep_last=1)
 
 
 def test_eval_command_reports_lm_and_task_rows(cli, tmp_path, char_data, char_checkpoint):

@@ -42,7 +42,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(char_data, 
     run.lock.write_text("pid 999999 on elsewhere\n")
     assert train(tiny_config(char_data, run.root, max_iters=2)) == 0
     assert "taking over the lock of train.out_dir" in capsys.readouterr().err
-    assert read_checkpoint(run.root).state["iter"] == 2
+    assert read_checkpoint(run.root).state.iter == 2
 
 
 def test_a_second_prepare_into_the_same_folder_is_refused(tmp_path):

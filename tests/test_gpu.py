@@ -98,7 +98,7 @@ def test_torchrun_one_process_with_nccl_trains_and_resumes(char_data, tmp_path, 
     result = subprocess.run([*command, "--resume", config, "train.max_iters=8"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 8
+    assert read_checkpoint(tmp_path / "run").state.iter == 8
 
 
 def test_gpt2_124m_throughput(tmp_path, capsys):

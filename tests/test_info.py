@@ -9,6 +9,7 @@ from conftest import REPO
 
 from gpt.checkpoint import save_model_folder
 from gpt.config import build_config
+from gpt.data.formats import RunState
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.model import GPT
 
@@ -60,7 +61,7 @@ def test_python_dash_m_gpt_runs_the_cli():
 def test_info_names_the_architecture_options_of_a_checkpoint(cli, tmp_path):
     config = build_config({"model": {"preset": "tiny", "vocab_size": 257, "activation": "relu2", "qk_norm": True,
                                      "logit_softcap": 15.0, "zero_init_proj": True, "tie_embeddings": False}})
-    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), {"iter": 0})
+    save_model_folder(tmp_path / "ckpt", GPT(config.model), config, TokenizerSpec("byte"), RunState(iter=0))
     code, out, _ = cli("info", tmp_path / "ckpt")
     assert code == 0
     assert ("pre-layernorm, relu2 MLP, qk-norm, logits soft-capped at 15, zero-initialised output projections, "
@@ -72,9 +73,9 @@ def test_info_names_the_architecture_options_of_a_checkpoint(cli, tmp_path):
 def test_info_of_a_checkpoint_prints_its_losses_in_words(cli, tmp_path):
     config = build_config({"model": {"preset": "tiny", "vocab_size": 257}})
     model = GPT(config.model)
-    save_model_folder(tmp_path / "new", model, config, TokenizerSpec("byte"), {"iter": 0, "tokens": 0})
+    save_model_folder(tmp_path / "new", model, config, TokenizerSpec("byte"), RunState())
     save_model_folder(tmp_path / "run", model, config, TokenizerSpec("byte"),
-                      {"iter": 5, "tokens": 640, "best_train_loss": 2.25, "losses": {"train": 2.5}})
+                      RunState(iter=5, tokens=640, best_loss=2.25, best_split="train", losses={"train": 2.5}))
     code, out, _ = cli("info", tmp_path / "new")
     assert code == 0 and "tokenizer: byte; no evaluation recorded" in out and "None" not in out
     code, out, _ = cli("info", tmp_path / "run")

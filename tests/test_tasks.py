@@ -276,8 +276,8 @@ def test_language_model_training_from_a_task_model_is_refused_with_the_reason(ta
 @pytest.mark.parametrize("kind", ["classify", "entail", "similar", "choice"])
 def test_a_tiny_model_learns_a_synthetic_task_of_each_kind(task_run, kind):
     state = read_checkpoint(task_run(kind)).state
-    assert state["accuracy"]["val"] >= 0.95
-    assert read_checkpoint(task_run(kind) / "best").state["accuracy"]["val"] == state["best_val_acc"]
+    assert state.accuracy["val"] >= 0.95
+    assert read_checkpoint(task_run(kind) / "best").state.accuracy["val"] == state.best_val_acc
 
 
 def test_resume_of_a_task_run_is_bitwise_identical(char_data, tmp_path):

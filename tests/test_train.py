@@ -1,4 +1,5 @@
 import contextlib
+import json
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint, save_model_folder
 from gpt.config import apply_overrides, build_config, to_dict
-from gpt.data.formats import RunFolder
+from gpt.data.formats import RunFolder, RunState
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
@@ -198,7 +199,7 @@ def test_resume_from_run_folder_via_cli(char_data, tmp_path, cli):
     code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=12", "train.lr=1e-3")
     assert code == 0, err
     assert "train.max_iters: 10 -> 12" in out and "train.lr: 0.003 -> 0.001" in out
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 12
+    assert read_checkpoint(tmp_path / "run").state.iter == 12
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(char_data, tmp_path, cli):
@@ -208,7 +209,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(char_data, tmp_p
         assert code == 0, err
         assert f"nothing to train: the run is already at iteration 10 (train.max_iters={extra and 5 or 10}); " \
                "pass a higher train.max_iters to train on" in out.splitlines()
-    assert read_checkpoint(tmp_path / "run").state["iter"] == 10
+    assert read_checkpoint(tmp_path / "run").state.iter == 10
 
 
 def test_a_damaged_latest_checkpoint_can_be_moved_aside_to_resume_from_the_one_before(char_data, tmp_path, cli):
@@ -219,7 +220,29 @@ def test_a_damaged_latest_checkpoint_can_be_moved_aside_to_resume_from_the_one_b
     (tmp_path / "run" / "ckpt_000004").rename(tmp_path / "damaged")
     code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=6")
     assert code == 0, err
-    assert "starting at iter 2" in out and read_checkpoint(tmp_path / "run").state["iter"] == 6
+    assert "starting at iter 2" in out and read_checkpoint(tmp_path / "run").state.iter == 6
+
+
+def test_an_older_state_json_is_migrated_and_a_newer_one_refused(char_data, tmp_path, cli):
+    train(tiny_config(char_data, tmp_path / "run", max_iters=2, eval_interval=2, ckpt_interval=2))
+    state_path = tmp_path / "run" / "ckpt_000002" / "state.json"
+    saved = json.loads(state_path.read_text())
+    assert saved["format_version"] == 2 and saved["world_size"] == 1
+    # What state.json held before it had a format_version (a converted model's held even less).
+    state_path.write_text(json.dumps({"iter": 2, "tokens": saved["tokens"], "best_val_loss": saved["best_val_loss"],
+                                      "losses": saved["losses"]}))
+    old = read_checkpoint(tmp_path / "run").state
+    assert (old.iter, old.tokens, old.world_size, old.budget_iters, old.accuracy) == (2, saved["tokens"], 1, None, {})
+    code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=4")
+    assert code == 0, err
+    assert "starting at iter 2" in out
+    assert json.loads((tmp_path / "run" / "ckpt_000004" / "state.json").read_text())["format_version"] == 2
+    state_path.write_text(json.dumps({**saved, "format_version": 99}))
+    with pytest.raises(GptError, match="format_version 99, newer than this gpt reads .2.; upgrade gpt"):
+        read_checkpoint(state_path.parent)
+    state_path.write_text(json.dumps({**saved, "iter": "two"}))
+    with pytest.raises(GptError, match="state.json is missing fields or has wrong types"):
+        read_checkpoint(state_path.parent)
 
 
 def test_a_run_whose_loss_turns_nan_stops_and_a_nan_loss_is_never_best(char_data, tmp_path):
@@ -236,17 +259,15 @@ def test_a_run_whose_loss_turns_nan_stops_and_a_nan_loss_is_never_best(char_data
 def test_without_a_val_split_state_json_names_the_best_loss_for_the_train_split():
     state = TrainState()
     assert state.record(Evaluation(losses={"train": 2.0}))
-    saved = state.state_dict()
+    saved = state.to_json()
     assert saved["best_train_loss"] == 2.0 and "best_val_loss" not in saved
-    again = TrainState()
-    again.load_state_dict(saved)
+    again = TrainState.of(RunState.from_json(saved, "state.json"))
     assert (again.best_loss, again.best_split) == (2.0, "train")
     assert not again.record(Evaluation(losses={"train": 2.5})) and again.record(Evaluation(losses={"train": 1.0}))
     with_val = TrainState()
     with_val.record(Evaluation(losses={"train": 2.0, "val": 3.0}))
-    assert with_val.state_dict()["best_val_loss"] == 3.0 and "best_train_loss" not in with_val.state_dict()
-    older = TrainState()  # a checkpoint written before the split was named still loads
-    older.load_state_dict({"iter": 3, "tokens": 96, "best_val_loss": 1.25})
+    assert with_val.to_json()["best_val_loss"] == 3.0 and "best_train_loss" not in with_val.to_json()
+    older = RunState.from_json({"iter": 3, "tokens": 96, "best_val_loss": 1.25}, "state.json")  # before the split
     assert (older.best_loss, older.best_split, older.iter) == (1.25, "val", 3)
 
 
@@ -269,7 +290,7 @@ def test_checkpoints_refuse_non_finite_weights(tmp_path):
     with torch.no_grad():
         model.wte.weight[0, 0] = math.inf
     with pytest.raises(GptError, match="refusing to write a checkpoint whose weights hold NaN or inf"):
-        save_model_folder(tmp_path / "best", model, config, TokenizerSpec("byte"), {"iter": 0})
+        save_model_folder(tmp_path / "best", model, config, TokenizerSpec("byte"), RunState(iter=0))
     assert not (tmp_path / "best").exists() and not (tmp_path / "best.tmp").exists()
 
 
@@ -352,7 +373,7 @@ import sys, torch
 from pathlib import Path
 from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
-from gpt.data.formats import RunFolder
+from gpt.data.formats import RunFolder, RunState
 from gpt.model import GPT
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import TokenizerSpec
@@ -363,7 +384,7 @@ out.mkdir(exist_ok=True)
 for it in range(1, 10000):
     with torch.no_grad():
         model.wte.weight[0, 0] = it
-    save_checkpoint(RunFolder(out), model, config, TokenizerSpec("byte"), {"iter": it}, {"step": torch.tensor(it)},
+    save_checkpoint(RunFolder(out), model, config, TokenizerSpec("byte"), RunState(iter=it), {"step": torch.tensor(it)},
                     keep_last=2)
     print(it, flush=True)
 """
@@ -382,9 +403,9 @@ def test_kill_during_checkpoint_writing_never_breaks_latest(tmp_path):
         assert latest.is_symlink() and latest.resolve().is_dir()
         ckpt = read_checkpoint(latest)
         model = load_model(ckpt)
-        assert model.wte.weight[0, 0].item() == ckpt.state["iter"]
-        assert load_training_state(ckpt.path)["step"].item() == ckpt.state["iter"]
-        assert read_checkpoint(out).state["iter"] >= ckpt.state["iter"]
+        assert model.wte.weight[0, 0].item() == ckpt.state.iter
+        assert load_training_state(ckpt.path)["step"].item() == ckpt.state.iter
+        assert read_checkpoint(out).state.iter >= ckpt.state.iter
 
 
 def test_a_run_stopped_before_its_first_evaluation_draws_its_training_loss(char_data, tmp_path, monkeypatch):
@@ -416,7 +437,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(char_data, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "gpt train --resume" in err and "Traceback" not in err
-    assert read_checkpoint(tmp_path / "run").state["iter"] >= 3
+    assert read_checkpoint(tmp_path / "run").state.iter >= 3
 
 
 @pytest.mark.slow
@@ -429,7 +450,7 @@ def test_shakespeare_char_val_loss_drops_below_2_5(tmp_path):
                          [f"data.dir={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_iters=150",
                           "train.eval_interval=150", "train.eval_iters=20", "train.device=cpu"])
     assert train(config) == 0
-    losses = read_checkpoint(tmp_path / "run").state["losses"]
+    losses = read_checkpoint(tmp_path / "run").state.losses
     assert losses["val"] < 2.5
 
 
@@ -439,14 +460,14 @@ def test_saving_an_iteration_again_keeps_the_complete_checkpoint(tmp_path):
     config = build_config({"model": {"preset": "tiny", "vocab_size": 40}})
     model = GPT(config.model)
     run = RunFolder(tmp_path)
-    save_checkpoint(run, model, config, TokenizerSpec("byte"), {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    save_checkpoint(run, model, config, TokenizerSpec("byte"), RunState(iter=4), {"step": torch.tensor(4)}, keep_last=2)
     before = (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns
     with torch.no_grad():
         model.wte.weight.zero_()
-    save_checkpoint(run, model, config, TokenizerSpec("byte"), {"iter": 4}, {"step": torch.tensor(4)}, keep_last=2)
+    save_checkpoint(run, model, config, TokenizerSpec("byte"), RunState(iter=4), {"step": torch.tensor(4)}, keep_last=2)
     assert (tmp_path / "ckpt_000004" / "model.safetensors").stat().st_mtime_ns == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert read_checkpoint(tmp_path / "latest").state["iter"] == 4
+    assert read_checkpoint(tmp_path / "latest").state.iter == 4
     assert load_model(read_checkpoint(tmp_path)).wte.weight.abs().sum() > 0
 
 
@@ -456,8 +477,8 @@ def test_readers_follow_latest_and_best_is_a_complete_folder(char_data, tmp_path
     assert [p.name for p in run.checkpoints()] == ["ckpt_000010", "ckpt_000015", "ckpt_000020"]
     os.replace(run.root / "latest", run.root / "old")
     os.symlink("ckpt_000015", run.latest)
-    assert read_checkpoint(run.root).state["iter"] == 15
-    assert run.best.is_symlink() and read_checkpoint(run.best).state["iter"] % 5 == 0
+    assert read_checkpoint(run.root).state.iter == 15
+    assert run.best.is_symlink() and read_checkpoint(run.best).state.iter % 5 == 0
     assert [p.name for p in run.root.glob("best_*")] == [run.best.resolve().name]
 
 
@@ -465,7 +486,7 @@ def test_tokens_seen_accumulate_across_a_resume_with_another_batch_size(char_dat
     config = tiny_config(char_data, tmp_path / "run", max_iters=4)
     train(config)
     train(with_changes(config, "train.max_iters=6", "train.batch_size=2"), resume=True)
-    assert read_checkpoint(tmp_path / "run").state["tokens"] == 4 * 4 * 32 + 2 * 2 * 32
+    assert read_checkpoint(tmp_path / "run").state.tokens == 4 * 4 * 32 + 2 * 2 * 32
 
 
 def test_val_bits_per_byte_is_logged_from_the_bytes_the_data_records(char_data, tmp_path):

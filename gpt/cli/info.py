@@ -55,7 +55,7 @@ def info(
     ckpt = read_checkpoint(folder)
     from gpt.inference.classify import describe_task
 
-    _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state, "tokenizer": ckpt.tokenizer_spec.name,
+    _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state.to_json(), "tokenizer": ckpt.tokenizer_spec.name,
                  "model": _model_info(ckpt.config.model), "task": describe_task(ckpt),
                  "checkpoints": [other.name for other in RunFolder(folder).checkpoints()]}, as_json)
 

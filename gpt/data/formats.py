@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,85 @@ def _plain_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise GptError(f"{where}: shard name {name!r} is not a plain file name; run `gpt prepare --overwrite`")
     return name
+
+
+# ----------------------------------------------------------------------------- state.json
+# 1: no format_version field (before 2026-12-05): keys could be missing (convert wrote a few), and a
+# run without val data could name its train loss best_val_loss.
+STATE_FORMAT = 2
+
+
+@dataclass
+class RunState:
+    """How far a run got: what a checkpoint's state.json records beside the weights. This class
+    is its one reader and writer; an older state.json is patched forward (`_upgrade_state`)."""
+
+    iter: int = 0
+    tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
+    best_loss: float = math.inf
+    best_split: str = "val"  # the split best_loss was evaluated on: train when the data has no val split
+    best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
+    losses: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] = field(default_factory=dict)  # task runs: per split and per class
+    budget: dict[str, Any] | None = None  # a time budget's plan (gpt.training.budget.Budget.state_dict())
+    world_size: int = 1  # processes that wrote the checkpoint
+    converted_from: str | None = None  # `gpt convert` / `train.init_from hf:`: where the weights came from
+
+    def to_json(self) -> dict[str, Any]:
+        """state.json names the best loss for its split: best_val_loss, or best_train_loss."""
+        best = self.best_loss if math.isfinite(self.best_loss) else None
+        return {"format_version": STATE_FORMAT, "iter": self.iter, "tokens": self.tokens,
+                f"best_{self.best_split}_loss": best, "best_val_acc": self.best_val_acc, "losses": dict(self.losses),
+                "accuracy": dict(self.accuracy), "budget": self.budget, "world_size": self.world_size,
+                "converted_from": self.converted_from}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> RunState:
+        """Parse a state.json object (of this version or an older one); a bad one raises GptError."""
+        version = raw.get("format_version", 1) if isinstance(raw, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise GptError(f"{where} is not a state.json object")
+        if version > STATE_FORMAT:
+            raise GptError(f"{where} has format_version {version}, newer than this gpt reads ({STATE_FORMAT}); "
+                           "upgrade gpt")
+        raw = _upgrade_state(raw, version)
+        try:
+            split = "train" if "best_train_loss" in raw else "val"
+            best_loss, best_acc, budget = raw[f"best_{split}_loss"], raw["best_val_acc"], raw["budget"]
+            if budget is not None and not isinstance(budget, dict):
+                raise ValueError(f"not a budget: {budget!r}")
+            return cls(iter=_count(raw["iter"]), tokens=_count(raw["tokens"]),
+                       best_loss=math.inf if best_loss is None else _number(best_loss), best_split=split,
+                       best_val_acc=None if best_acc is None else _number(best_acc),
+                       losses=_numbers(raw["losses"]), accuracy=_numbers(raw["accuracy"]), budget=budget,
+                       world_size=_count(raw["world_size"]),
+                       converted_from=None if raw["converted_from"] is None else str(raw["converted_from"]))
+        except (KeyError, TypeError, ValueError):
+            raise GptError(f"{where} is missing fields or has wrong types") from None
+
+
+def _upgrade_state(raw: dict[str, Any], version: int) -> dict[str, Any]:
+    """Patch an older state.json forward one version at a time (as nanochat's checkpoint manager
+    does), so an older checkpoint is read, not refused."""
+    if version == 1:  # fields that came later or that a converted model lacked; budget_iters became budget
+        defaults = {"tokens": 0, "best_val_acc": None, "losses": {}, "accuracy": {}, "budget": None, "world_size": 1,
+                    "converted_from": None}
+        raw = {**defaults, **{k: v for k, v in raw.items() if k != "budget_iters"}}
+        if "best_train_loss" not in raw:
+            raw.setdefault("best_val_loss", None)
+    return raw
+
+
+def _number(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"not an object of numbers: {value!r}")
+    return {str(k): _number(v) for k, v in value.items()}
 
 
 # ----------------------------------------------------------------------------- run folder

@@ -152,6 +152,6 @@ def describe_task(checkpoint: Checkpoint) -> str | None:
         return ChatTemplate.of(checkpoint.config).describe()
     special = SpecialTokens.after(checkpoint.config.model.vocab_size - NUM_SPECIAL)
     labels = f"labels {', '.join(task.labels)}" if task.labels else "label: the index of the right choice"
-    accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (checkpoint.state.get("accuracy") or {}).items())
+    accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in checkpoint.state.accuracy.items())
     return (f"task: {task.kind}, {labels}; special tokens start={special.start} delim={special.delim} "
             f"extract={special.extract}; lm_weight {task.lm_weight}; accuracy: {accuracy or 'not evaluated yet'}")

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from gpt.config import Config, TrainConfig
+from gpt.data.formats import RunState
 
 UNTIMED = 2          # steps before timing starts
 DECIDE_AT = 10       # steps (after the run's start or resume) after which the first plan is made, at the earliest
@@ -97,9 +98,9 @@ def with_max_iters(config: Config, iters: int) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, max_iters=iters))
 
 
-def resumed_config(config: Config, state: dict[str, Any]) -> Config:
+def resumed_config(config: Config, state: RunState) -> Config:
     """A resumed budgeted run shows the plan of its checkpoint as train.max_iters (state.json's `budget`)."""
-    plan = (state.get("budget") or {}).get("plan")
+    plan = (state.budget or {}).get("plan")
     if config.train.max_minutes is None or plan is None:
         return config
     return with_max_iters(config, int(plan))

@@ -36,7 +36,7 @@ from gpt.checkpoint import (
     stage_optimizer_shards,
 )
 from gpt.config import Config, TrainConfig, describe_changes, dump_yaml, to_dict
-from gpt.data.formats import RunFolder
+from gpt.data.formats import RunFolder, RunState
 from gpt.data.shards import DeviceBatches
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock, replace_atomically
@@ -157,36 +157,12 @@ class Resumable(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-@dataclasses.dataclass
-class TrainState:
-    """How far a run has got: what state.json records beside the weights."""
+class TrainState(RunState):
+    """A run's progress (state.json's fields, `gpt.data.formats.RunState`) as the loop updates it."""
 
-    iter: int = 0
-    tokens: int = 0  # accumulated step by step, so it stays right when a resume changes the batch
-    best_loss: float = math.inf
-    best_split: str = "val"  # the split best_loss was evaluated on: train when the data has no val split
-    best_val_acc: float | None = None  # task runs: best/ keeps the highest val accuracy
-    losses: dict[str, float] = dataclasses.field(default_factory=dict)
-    accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # task runs: per split and per class
-    budget: dict[str, Any] | None = None  # a time budget's plan (gpt.training.budget.Budget.state_dict())
-
-    def state_dict(self) -> dict[str, Any]:
-        """state.json names the best loss for its split: best_val_loss, or best_train_loss."""
-        best = self.best_loss if math.isfinite(self.best_loss) else None
-        return {"iter": self.iter, "tokens": self.tokens, f"best_{self.best_split}_loss": best,
-                "best_val_acc": self.best_val_acc, "losses": dict(self.losses), "accuracy": dict(self.accuracy),
-                "budget": self.budget}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iter, self.tokens = int(state["iter"]), int(state["tokens"])
-        # Before the split was named, a run without val data wrote its train loss as best_val_loss.
-        self.best_split = "train" if "best_train_loss" in state else "val"
-        best = state.get(f"best_{self.best_split}_loss")
-        self.best_loss = math.inf if best is None else float(best)
-        self.best_val_acc = state.get("best_val_acc")
-        self.losses = dict(state.get("losses") or {})
-        self.accuracy = dict(state.get("accuracy") or {})
-        self.budget = state.get("budget")
+    @classmethod
+    def of(cls, state: RunState) -> TrainState:
+        return cls(**dataclasses.asdict(state))
 
     def record(self, evaluation: Evaluation) -> bool:
         """Keep an evaluation's results; True when it is the best so far: the highest val
@@ -330,9 +306,9 @@ class Trainer:
         """An FSDP model's full weights on rank 0 (None when each rank holds them whole)."""
         return distributed.full_state_dict(self.trained) if self.sharded else None
 
-    def state_json(self) -> dict[str, Any]:
-        budget = {"budget": self.budget.state_dict()} if self.budget is not None else {}
-        return {**self.state.state_dict(), **budget, "world_size": self.dist.world_size}
+    def state_json(self) -> RunState:
+        budget = self.budget.state_dict() if self.budget is not None else self.state.budget
+        return dataclasses.replace(self.state, budget=budget, world_size=self.dist.world_size)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Optimizer, scaler, progress and (same world size) data position and RNG; the
@@ -341,7 +317,7 @@ class Trainer:
         if "ranks" not in training:
             raise GptError(f"{checkpoint.path} was written by an older version of gpt and cannot be resumed; "
                            f"start a new run with train.init_from={checkpoint.path} to keep its weights")
-        self.state.load_state_dict(checkpoint.state)
+        self.state = TrainState.of(checkpoint.state)
         load_optimizer(self.trained, self.optimizer, checkpoint.path, training)
         if self.scaler is not None and "scaler" in training:
             self.scaler.load_state_dict(training["scaler"])
