@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from gpt.checkpoint import find_checkpoint, load_model, load_training_state, read_checkpoint, save_model_folder
 from gpt.config import apply_overrides, build_config, to_dict
 from gpt.data.formats import RunFolder, RunState
-from gpt.data.shards import load_dataset
+from gpt.data.shards import BatchSampler, load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
-from gpt.model import GPT
-from gpt.training import distributed, optim
+from gpt.model import GPT, evaluating
+from gpt.training import budget, distributed, objectives, optim
 from gpt.training.loop import TrainState, accumulate_gradients, build_trainer, decay_progress, lr_at, train
 from gpt.training.metrics import Evaluation, Progress, read_metrics
 from gpt.training.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
@@ -294,6 +294,21 @@ def test_checkpoints_refuse_non_finite_weights(tmp_path):
     assert not (tmp_path / "best").exists() and not (tmp_path / "best.tmp").exists()
 
 
+def test_evaluations_leave_the_model_in_the_mode_they_found_it(char_data):
+    dataset = load_dataset(char_data)
+    model = GPT(build_config({"model": {"preset": "tiny", "block_size": 16, "vocab_size": dataset.vocab_size}}).model)
+    batch = BatchSampler(dataset.splits["train"], 16, 2, seed=0).next_batch()
+    for training in (False, True):
+        model.train(training)
+        objectives.evaluate(model, dataset, 16, 2, 1, 0, torch.device("cpu"), contextlib.nullcontext)
+        budget.timed_forward(model, batch, contextlib.nullcontext)()
+        assert model.training is training and all(m.training is training for m in model.modules())
+    with pytest.raises(RuntimeError, match="inside"), evaluating(model):
+        assert not model.training
+        raise RuntimeError("inside")
+    assert model.training
+
+
 def test_an_evaluation_without_a_val_split_logs_the_train_loss(capsys):
     progress = Progress(10, 0, enabled=True)
     progress.report(5, Evaluation(losses={"train": 3.25}).row())
@@ -375,7 +390,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.config import build_config
 from gpt.data.formats import RunFolder, RunState
 from gpt.model import GPT
-from gpt.data.shards import load_dataset
+from gpt.data.shards import BatchSampler, load_dataset
 from gpt.data.tokenizer import TokenizerSpec
 config = build_config({"model": {"preset": "mini", "vocab_size": 2000}})
 model = GPT(config.model)

@@ -29,6 +29,7 @@ from gpt.data.tokenizer import Tokenizer
 from gpt.durable import replace_atomically
 from gpt.errors import GptError
 from gpt.evaluation.perplexity import Autocast, model_device, progress
+from gpt.model import evaluating
 from gpt.supervised import encode_text
 from gpt.tasks.items import ChoiceItem, read_choice_file
 
@@ -145,11 +146,10 @@ def continuation_logprobs(model: torch.nn.Module, requests: list[tuple[list[int]
     """Summed log-probability of the last `n` tokens of each sequence given the ones before.
     Sequences are batched longest first and padded on the right, which a causal model never
     attends to, so padding changes no score."""
-    device, was_training = model_device(model), model.training
-    model.eval()
+    device = model_device(model)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     results = [0.0] * len(requests)
-    with progress(math.ceil(len(order) / batch_size), desc) as bar:
+    with evaluating(model), progress(math.ceil(len(order) / batch_size), desc) as bar:
         for first in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[first:first + batch_size]]
             width = len(batch[0][0]) - 1
@@ -171,7 +171,6 @@ def continuation_logprobs(model: torch.nn.Module, requests: list[tuple[list[int]
             for i, total in zip(order[first:first + batch_size], sums.tolist()):
                 results[i] = total
             bar.update(1)
-    model.train(was_training)
     return results
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import Tokenizer, TokenizerSpec, UnknownCharacter
 from gpt.errors import GptError
+from gpt.model import evaluating
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -149,10 +150,10 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | ConcatenatedSha
     if len(tokens) < 2:
         raise GptError("the text has fewer than 2 tokens, nothing to predict; evaluate a longer text")
     windows = strided_windows(len(tokens) - 1, block_size, stride)
-    device, was_training = model_device(model), model.training
-    model.eval()
+    device = model_device(model)
     result = LMResult(tokens=0, loss_sum=0.0, text_bytes=0)
-    with progress(math.ceil(count_windows(len(tokens) - 1, block_size, stride) / batch_size), "eval") as bar:
+    batches = math.ceil(count_windows(len(tokens) - 1, block_size, stride) / batch_size)
+    with evaluating(model), progress(batches, "eval") as bar:
         for batch in _batches(windows, batch_size):
             rows = np.stack([tokens[start:end + 1] for start, end, _ in batch]).astype(np.int64)
             width = rows.shape[1] - 1
@@ -164,7 +165,6 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | ConcatenatedSha
                 logits = model(rows[:, :-1])[0]
             result.loss_sum += F.cross_entropy(logits[scored].float(), rows[:, 1:][scored], reduction="sum").item()
             bar.update(1)
-    model.train(was_training)
     return result
 
 

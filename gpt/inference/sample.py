@@ -21,7 +21,7 @@ from gpt.config import SampleConfig
 from gpt.data.tokenizer import TextDecoder, Tokenizer
 from gpt.device import autocast_for, pick_dtype
 from gpt.errors import GptError
-from gpt.model import GPT, KVCache, StaticKVCache
+from gpt.model import GPT, KVCache, StaticKVCache, evaluating
 
 CHAT_STOP = "\nUser:"
 
@@ -234,11 +234,9 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConf
     drawable = tokenizer.vocab_size if end_token is None else end_token + 1
     pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
                              top_p=settings.top_p, generator=generator, vocab_size=drawable)
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     precision = pick_dtype("auto", device) if device.type == "cuda" else torch.float32
-    with autocast_for(device, precision)():
+    with evaluating(model), autocast_for(device, precision)():
         for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.kv_cache, settings.num_samples):
             for text, token in zip(growing, tokens.tolist()):
                 text.add(token)
@@ -247,7 +245,6 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConf
             if all(s.done for s in samples):
                 break
     elapsed = max(time.perf_counter() - start, 1e-9)
-    model.train(was_training)
     for text in growing:
         text.finish()
         text.sample.tokens_per_s = len(text.sample.tokens) / elapsed

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import Config
-from gpt.model import GPT
+from gpt.model import GPT, evaluating
 from gpt.supervised import IGNORE
 from gpt.tasks.framing import Example, collate
 
@@ -80,14 +80,12 @@ def batch_logits(model: TaskModel, examples: list[Example], batch_size: int, tex
                  device: torch.device, autocast: Callable = contextlib.nullcontext
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits, labels) for consecutive batches of `examples`, with the model in eval mode."""
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        ids, _, extract, labels = (t.to(device) for t in collate(examples[start:start + batch_size], text_vocab))
-        with autocast():
-            logits = model.logits(ids, extract, labels.size(0))
-        yield logits, labels
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            ids, _, extract, labels = (t.to(device) for t in collate(examples[start:start + batch_size], text_vocab))
+            with autocast():
+                logits = model.logits(ids, extract, labels.size(0))
+            yield logits, labels
 
 
 def evaluate_split(model: TaskModel, examples: list[Example], names: list[str], split: str, batch_size: int,

@@ -49,6 +49,7 @@ import torch
 
 from gpt.config import Config, TrainConfig
 from gpt.data.formats import RunState
+from gpt.model import evaluating
 
 UNTIMED = 2          # steps before timing starts
 DECIDE_AT = 10       # steps (after the run's start or resume) after which the first plan is made, at the earliest
@@ -256,11 +257,9 @@ def timed_forward(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], autoc
 
     @torch.no_grad()
     def forward() -> None:
-        model.eval()
-        with autocast():
+        with evaluating(model), autocast():
             output = model(*batch)[1]
         if output.device.type != "cpu":
             output.item()  # wait for the device, or the clock reads only the launch
-        model.train()
 
     return forward

@@ -359,16 +359,15 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, block_size: int, batch_si
     evaluation (own RNG), so the curve shows the model changing, not the sample. Under
     torchrun each rank scores its rows of the job's batches and the means are averaged."""
     dist = dist or distributed.Dist()
-    model.eval()
     losses = {}
-    for split, shards in dataset.splits.items():
-        sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1], rank=dist.rank,
-                               world_size=dist.world_size)
-        total = torch.zeros((), device=device)
-        for _ in range(eval_iters):
-            x, y = sampler.next_batch()
-            with autocast():
-                total += model(x.to(device), y.to(device))[1].float()
-        losses[split] = distributed.mean_across_ranks(total, dist) / eval_iters
-    model.train()
+    with evaluating(model):
+        for split, shards in dataset.splits.items():
+            sampler = BatchSampler(shards, block_size, batch_size, seed=[seed, 1], rank=dist.rank,
+                                   world_size=dist.world_size)
+            total = torch.zeros((), device=device)
+            for _ in range(eval_iters):
+                x, y = sampler.next_batch()
+                with autocast():
+                    total += model(x.to(device), y.to(device))[1].float()
+            losses[split] = distributed.mean_across_ranks(total, dist) / eval_iters
     return losses
