@@ -230,9 +230,10 @@ def test_an_older_state_json_is_migrated_and_a_newer_one_refused(char_data, tmp_
     assert saved["format_version"] == 2 and saved["world_size"] == 1
     # What state.json held before it had a format_version (a converted model's held even less).
     state_path.write_text(json.dumps({"iter": 2, "tokens": saved["tokens"], "best_val_loss": saved["best_val_loss"],
-                                      "losses": saved["losses"]}))
+                                      "losses": saved["losses"], "budget_iters": 7}))
     old = read_checkpoint(tmp_path / "run").state
-    assert (old.iter, old.tokens, old.world_size, old.budget_iters, old.accuracy) == (2, saved["tokens"], 1, None, {})
+    assert (old.iter, old.tokens, old.best_loss, old.best_split) == (2, saved["tokens"], saved["best_val_loss"], "val")
+    assert (old.world_size, old.budget, old.accuracy) == (1, None, {})  # budget_iters: a plan of before, dropped
     code, out, err = cli("train", "--resume", tmp_path / "run", "train.max_iters=4")
     assert code == 0, err
     assert "starting at iter 2" in out
@@ -498,7 +499,7 @@ def test_readers_follow_latest_and_best_is_a_complete_folder(char_data, tmp_path
     lowest = min(rows, key=lambda r: float(r["val_loss"]))  # the first of equal losses: a tie is no improvement
     assert len(rows) == 4 and run.best.is_symlink()
     assert read_checkpoint(run.best).state.iter == int(lowest["iter"])
-    assert read_checkpoint(run.best).state.best_val_loss == float(lowest["val_loss"])
+    assert read_checkpoint(run.best).state.best_loss == float(lowest["val_loss"])
     assert [p.name for p in run.root.glob("best_*")] == [run.best.resolve().name]
 
 
