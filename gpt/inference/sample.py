@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -274,15 +275,15 @@ class GrowingText:
     """The text of one sample as tokens arrive: decodes only the new token, looks for stop
     strings only where the new text could complete one, and marks the sample done when it ends
     (`stop_reason` "eot", "end" (a chat model's `end_token`), "stop", or "max_tokens" while it
-    runs). `ends[i]` is the length of the text once token i was added, which ties each token
-    to its place in the text."""
+    runs). `ends[i]` is the length of the text once token i is part of it (inf while its
+    character is unfinished), which ties each token to its place in the text."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], ignore_eot: bool = False, end_token: int | None = None):
         self.tokenizer, self.stop, self.ignore_eot, self.end_token = tokenizer, stop, ignore_eot, end_token
         self.decoder = TextDecoder(tokenizer)
         self.longest_stop = max((len(s) for s in stop), default=0)
         self.tokens: list[int] = []
-        self.ends: list[int] = []
+        self.ends: list[float] = []
         self.text = ""
         self.done = False
         self.stop_reason = "max_tokens"
@@ -298,11 +299,21 @@ class GrowingText:
             return
         self.tokens.append(token)
         self._extend(self.decoder.add(token))
-        self.ends.append(len(self.text))
+        self.ends.append(math.inf)
+        if not self.decoder.holding():
+            self._place_tokens()
 
     def finish(self) -> None:
         if not self.done:
             self._extend(self.decoder.finish())
+            self._place_tokens()
+
+    def _place_tokens(self) -> None:
+        """The tokens whose character was unfinished end where the text ends now."""
+        i = len(self.ends) - 1
+        while i >= 0 and self.ends[i] == math.inf:
+            self.ends[i] = len(self.text)
+            i -= 1
 
     def _extend(self, piece: str) -> None:
         if not piece:
