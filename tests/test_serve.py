@@ -24,7 +24,7 @@ from conftest import REPO, tiny_config
 from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import SampleConfig
 from gpt.data.tokenizer import ByteTokenizer
-from gpt.inference.engine import Sequence, Token
+from gpt.inference.engine import Token
 from gpt.inference.sample import CHAT_STOP, generate, transcript
 from gpt.inference.serve import Choice, Job, StoppableServer, create_app
 from gpt.training.loop import train
@@ -181,8 +181,8 @@ def posted(job: Job) -> list[tuple]:
 
 def test_a_choice_posts_whole_characters_with_the_tokens_that_make_them():
     job = Job(asyncio.new_event_loop())
-    sequence = Sequence([1], 10, None, None)
-    choice = Choice(job, 0, ByteTokenizer(), ["!?"], sequence)
+    choice = Choice(job, 0, ByteTokenizer(), ["!?"], [1], 10)
+    sequence = choice.sequence
     try:
         for byte in "né!?x".encode():  # é is two tokens; "!?" is a stop string
             if sequence.on_token(Token(byte, -1.0)):

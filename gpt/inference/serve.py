@@ -232,17 +232,18 @@ class Job:
 
 class Choice:
     """One sequence of a request and its text. Events posted: ("text", index, piece, tokens)
-    with the tokens whose text the piece completes, and ("end", index, reason)."""
+    with the tokens whose text the piece completes, and ("end", index, reason). `settings`
+    are the Sequence's sampling fields."""
 
-    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], sequence: Sequence):
-        self.job, self.index, self.tokenizer = job, index, tokenizer
+    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], prompt: list[int],
+                 max_tokens: int, **settings: Any):
+        self.job, self.index = job, index
         self.text = GrowingText(tokenizer, stops)
         self.streamer = Streamer(self._show, stops)
         self.scored: list[Token] = []  # parallel to text.tokens
         self.shown_tokens = 0
         self.finish_reason: str | None = None
-        self.sequence = sequence
-        sequence.on_token, sequence.on_end = self.on_token, self.on_end
+        self.sequence = Sequence(prompt, max_tokens, self.on_token, self.on_end, **settings)
         job.choices.append(self)
 
     def on_token(self, token: Token) -> bool:
@@ -335,12 +336,10 @@ class Server:
             ids, lost = self.fit(ids, max_tokens)
             cropped += lost
             job.prompt_tokens += len(ids)
-            for j in range(body.n):
-                sequence = Sequence(ids, max_tokens, on_token=None, on_end=None, temperature=body.temperature,
-                                    top_k=body.top_k, top_p=body.top_p,
-                                    seed=None if body.seed is None else (body.seed + j) % 2**64,
-                                    logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-                Choice(job, p * body.n + j, self.tokenizer, stops, sequence)
+            for j in range(body.n):  # choice j draws from seed + j: choice 0 is what n=1 gives
+                Choice(job, p * body.n + j, self.tokenizer, stops, ids, max_tokens, temperature=body.temperature,
+                       top_k=body.top_k, top_p=body.top_p, seed=None if body.seed is None else (body.seed + j) % 2**64,
+                       logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         if len(job.choices) > self.engine.max_queue:
             raise ApiError(400, f"n x prompts asks for {len(job.choices)} sequences; this server queues at most "
                                 f"{self.engine.max_queue}", "n")
@@ -420,7 +419,7 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         server.thread.start()
         yield
         server.engine.stop()
-        server.thread.join(timeout=30)
+        await asyncio.to_thread(server.thread.join, 30)
 
     app = FastAPI(title="gpt serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -541,6 +540,23 @@ class Reply:
                     else None, "finish_reason": c.finish_reason} for c in self.job.choices]
         return {**self.head("chat.completion"), "choices": choices, "usage": self.usage()}
 
+    async def next_events(self) -> tuple[dict[int, tuple[str, list[Token]]], dict[int, str]]:
+        """The events posted since the last call (waiting for one): each choice's new text in
+        one piece, with its tokens, and the choices that ended. A stream that falls behind the
+        engine (a busy server, a slow client) so sends fewer, larger chunks."""
+        events = [await self.job.events.get()]
+        while not self.job.events.empty():
+            events.append(self.job.events.get_nowait())
+        texts: dict[int, tuple[str, list[Token]]] = {}
+        ends: dict[int, str] = {}
+        for kind, index, *rest in events:
+            if kind == "text":
+                text, tokens = texts.get(index, ("", []))
+                texts[index] = (text + rest[0], tokens + rest[1])
+            else:
+                ends[index] = rest[0]
+        return texts, ends
+
     async def chunks(self, body: Sampling, chat: bool) -> AsyncIterator[str]:
         """SSE data lines: the chunks as the text grows, an end chunk per choice, the usage
         (stream_options.include_usage), then [DONE]. A client that goes away stops this
@@ -583,22 +599,22 @@ class Reply:
                     yield chunk(choice.index, prompt, tokens, None)
             pending = len(self.job.choices)
             while pending:
-                kind_of_event, index, *rest = await self.job.events.get()
-                if kind_of_event == "text":
-                    yield chunk(index, rest[0], rest[1], None)
-                    continue
-                reason = rest[0]
-                self.job.choices[index].finish_reason = reason
-                pending -= 1
-                if reason == "error":
-                    log.error("500 on a stream: decoding failed: %s", one_line(self.job.choices[index].sequence.error))
-                    yield json.dumps(ApiError(500, "the server failed while decoding", kind="server_error").body())
-                    return
-                if reason == "cancelled":
-                    yield json.dumps(ApiError(503, "the server is shutting down; the request was cut",
-                                              kind="server_error").body())
-                    return
-                yield chunk(index, None, None, reason)
+                texts, ends = await self.next_events()
+                for index, (text, tokens) in texts.items():
+                    yield chunk(index, text, tokens, None)
+                for index, reason in ends.items():
+                    self.job.choices[index].finish_reason = reason
+                    pending -= 1
+                    if reason == "error":
+                        log.error("500 on a stream: decoding failed: %s",
+                                  one_line(self.job.choices[index].sequence.error))
+                        yield json.dumps(ApiError(500, "the server failed while decoding", kind="server_error").body())
+                        return
+                    if reason == "cancelled":
+                        yield json.dumps(ApiError(503, "the server is shutting down; the request was cut",
+                                                  kind="server_error").body())
+                        return
+                    yield chunk(index, None, None, reason)
             if include_usage:
                 yield json.dumps({**self.head(kind), "choices": [], "usage": self.usage()})
             yield "[DONE]"
