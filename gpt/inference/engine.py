@@ -13,7 +13,6 @@ two candidates whose logits tie to ~1e-6 can swap (see README, Serve).
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -239,17 +238,3 @@ class Engine:
         sequence.generator = None
         sequence.on_end(reason)
 
-
-def start(engine: Engine) -> threading.Thread:
-    """Run the engine on a daemon thread of its own."""
-    thread = threading.Thread(target=engine.run, name="gpt-engine", daemon=True)
-    thread.start()
-    return thread
-
-
-def wait_idle(engine: Engine, timeout: float) -> bool:
-    """Whether the engine has nothing left to do within `timeout` seconds (for tests and benches)."""
-    deadline = time.monotonic() + timeout
-    while engine.busy() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return not engine.busy()

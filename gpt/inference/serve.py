@@ -449,28 +449,32 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         server.check_model(name)
         return model_card(server)
 
+    async def parsed(request: Request, schema: type[Sampling]) -> Any:
+        server.authorize(request)
+        body = await read_json(request, schema)
+        server.check_model(body.model)
+        return body
+
+    async def answer(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int,
+                     stops: list[str], logprobs: int | None, chat: bool, prompt_logprobs: bool = False):
+        job = Job(asyncio.get_running_loop())
+        cropped = server.start(job, prompts, body, max_tokens, stops, logprobs, prompt_logprobs)
+        reply = Reply(server, job, "chatcmpl" if chat else "cmpl", cropped)
+        if body.stream:
+            return EventSourceResponse(reply.chunks(body, chat), sep="\n")
+        await collect(server, job, request)
+        return reply.chat(body) if chat else reply.completion(body)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        server.authorize(request)
-        body: CompletionRequest = await read_json(request, CompletionRequest)
-        server.check_model(body.model)
+        body: CompletionRequest = await parsed(request, CompletionRequest)
         stops = body.stops()
-        prompts = server.completion_prompts(body)
-        max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
-        job = Job(asyncio.get_running_loop())
-        cropped = server.start(job, prompts, body, max_tokens, stops, body.logprobs,
-                               prompt_logprobs=body.echo and body.logprobs is not None)
-        reply = Reply(server, job, "cmpl", cropped)
-        if body.stream:
-            return EventSourceResponse(reply.chunks(body, chat=False), sep="\n")
-        await collect(server, job, request)
-        return reply.completion(body)
+        return await answer(request, body, server.completion_prompts(body), body.max_tokens or COMPLETION_MAX_TOKENS,
+                            stops, body.logprobs, chat=False, prompt_logprobs=body.echo and body.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        server.authorize(request)
-        body: ChatRequest = await read_json(request, ChatRequest)
-        server.check_model(body.model)
+        body: ChatRequest = await parsed(request, ChatRequest)
         stops = body.stops()
         try:
             ids, template_stops = conversation_prompt(server.checkpoint, server.tokenizer, body.messages)
@@ -482,13 +486,7 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_tokens or body.max_completion_tokens or server.context // 2
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job = Job(asyncio.get_running_loop())
-        cropped = server.start(job, [ids], body, max_tokens, [*stops, *template_stops], logprobs)
-        reply = Reply(server, job, "chatcmpl", cropped)
-        if body.stream:
-            return EventSourceResponse(reply.chunks(body, chat=True), sep="\n")
-        await collect(server, job, request)
-        return reply.chat(body)
+        return await answer(request, body, [ids], max_tokens, [*stops, *template_stops], logprobs, chat=True)
 
     return app
 
