@@ -61,12 +61,14 @@ class QueueFull(Exception):
 
 class Engine:
     """Runs sequences on `model` in batches of up to `max_batch`, with up to `max_queue` more
-    waiting; `run` loops on a thread of its own. `submit` and `cancel` may be called from any
-    thread. `vocab_size` is the tokenizer's: ids above it (appended special tokens) are never
-    sampled."""
+    waiting; `run` loops on a thread of its own and calls `after_step` after each step (where
+    a caller hands on what the step's callbacks gathered, once per step rather than once per
+    token). `submit` and `cancel` may be called from any thread. `vocab_size` is the
+    tokenizer's: ids above it (appended special tokens) are never sampled."""
 
-    def __init__(self, model: GPT, vocab_size: int, max_batch: int = 8, max_queue: int = 64):
-        self.model, self.vocab_size = model.eval(), vocab_size
+    def __init__(self, model: GPT, vocab_size: int, max_batch: int = 8, max_queue: int = 64,
+                 after_step: Callable[[], None] = lambda: None):
+        self.model, self.vocab_size, self.after_step = model.eval(), vocab_size, after_step
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
         self.waiting: deque[Sequence] = deque()
@@ -118,9 +120,11 @@ class Engine:
                     if self.stopping:
                         break
                 self.step()
+                self.after_step()
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "cancelled")
         self.running, self.waiting = [], deque()
+        self.after_step()
 
     def step(self) -> None:
         """Let waiting sequences into free rows (one prefill for all of them), then decode one

@@ -213,18 +213,42 @@ class OneLineErrors:
 
 # ----------------------------------------------------------------------------- choices
 
-class Job:
-    """One request: its choices, and the queue their events reach its coroutine through."""
+class Outbox:
+    """Events from the engine's thread to the requests' coroutines, handed over once per engine
+    step: one wake-up of the event loop per step, not one per token and request (each wake-up
+    makes the two threads trade the interpreter lock)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []  # touched only on the engine's thread
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        self.pending.append((queue, event))
+
+    def flush(self) -> None:
+        """The engine's `after_step`."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.loop.call_soon_threadsafe(self._deliver, batch)
+
+    @staticmethod
+    def _deliver(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+        for queue, event in batch:
+            queue.put_nowait(event)
+
+
+class Job:
+    """One request: its choices, and the queue their events reach its coroutine through."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
         self.events: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
         self.prompt_tokens = 0  # of the prompts as run (cropped), each counted once whatever n
 
     def post(self, *event: Any) -> None:
-        """From the engine's thread: hand an event to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """From the engine's thread: an event for the request's coroutine (at the step's end)."""
+        self.outbox.post(self.events, event)
 
     def sequences(self) -> list[Sequence]:
         return [choice.sequence for choice in self.choices]
@@ -281,8 +305,13 @@ class Server:
         self.tokenizer = checkpoint.tokenizer
         self.context = model.config.block_size
         self.created = int(checkpoint.path.stat().st_mtime)
-        self.engine = Engine(model, self.tokenizer.vocab_size, max_batch, max_queue)
+        self.outbox: Outbox | None = None  # made on the event loop, when the app starts
+        self.engine = Engine(model, self.tokenizer.vocab_size, max_batch, max_queue, after_step=self.flush)
         self.thread: threading.Thread | None = None
+
+    def flush(self) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()
 
     def authorize(self, request: Request) -> None:
         """Every /v1 request needs the key when the server has one (compared in constant time)."""
@@ -415,6 +444,7 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.outbox = Outbox(asyncio.get_running_loop())
         server.thread = threading.Thread(target=server.engine.run, name="gpt-engine", daemon=True)
         server.thread.start()
         yield
@@ -457,7 +487,7 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
 
     async def answer(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int,
                      stops: list[str], logprobs: int | None, chat: bool, prompt_logprobs: bool = False):
-        job = Job(asyncio.get_running_loop())
+        job = Job(server.outbox)
         cropped = server.start(job, prompts, body, max_tokens, stops, logprobs, prompt_logprobs)
         reply = Reply(server, job, "chatcmpl" if chat else "cmpl", cropped)
         if body.stream:
