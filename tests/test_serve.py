@@ -22,11 +22,12 @@ import uvicorn
 from conftest import REPO, tiny_config
 from sse_starlette.sse import AppStatus
 
+from gpt.chat import ChatTemplate, Message
 from gpt.checkpoint import load_model, read_checkpoint
-from gpt.config import SampleConfig
+from gpt.config import SampleConfig, build_config
 from gpt.data.tokenizer import ByteTokenizer
 from gpt.inference.engine import Token
-from gpt.inference.sample import CHAT_STOP, generate, transcript
+from gpt.inference.sample import CHAT_STOP, generate, reply, transcript
 from gpt.inference.serve import Choice, Job, Outbox, StoppableServer, create_app
 from gpt.training.loop import train
 
@@ -147,7 +148,8 @@ def test_chat_renders_the_transcript_gpt_chat_uses(live, model, run):
     messages = [{"role": "system", "content": "Be."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Go"}]
     reply = live.client().chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
-    prompt = transcript([("System", "Be."), ("User", "Hi"), ("Assistant", "Yo"), ("User", "Go")])
+    prompt = transcript([Message("system", "Be."), Message("user", "Hi"), Message("assistant", "Yo"),
+                         Message("user", "Go")])
     assert len(prompt) + 10 <= CONTEXT  # no crop: the same context as gpt sample's
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == reference(model, run, prompt, 10, stop=[CHAT_STOP])
@@ -183,7 +185,7 @@ def posted(job: Job) -> list[tuple]:
 
 def test_a_choice_posts_whole_characters_with_the_tokens_that_make_them():
     job = Job(Outbox(asyncio.new_event_loop()))
-    choice = Choice(job, 0, ByteTokenizer(), ["!?"], [1], 10)
+    choice = Choice(job, 0, ByteTokenizer(), ["!?"], None, [1], 10)
     sequence = choice.sequence
     try:
         for byte in "né!?x".encode():  # é is two tokens; "!?" is a stop string
@@ -575,3 +577,27 @@ def test_the_command_names_a_busy_port_in_one_line(cli, run):
         taken.listen()
         code, _, err = cli("serve", run, "--port", taken.getsockname()[1])
     assert code == 2 and "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_chat_model_is_prompted_with_its_template_as_gpt_chat_does(char_data, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ("First", "Citizen", "Before", "proceed", "further", "hear", "speak", "All")] * 6
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(char_data, tmp_path / "sft", max_iters=12, eval_interval=12, ckpt_interval=12)
+    config = build_config({"model": {"preset": "tiny", "block_size": 32}, "data": {"dir": str(char_data)},
+                           "train": dict(config.train.__dict__), "task": {"kind": "chat",
+                                                                         "train": str(tmp_path / "train.jsonl")}})
+    train(config)
+    checkpoint = read_checkpoint(tmp_path / "sft")
+    model = load_model(checkpoint).eval()
+    server = LiveServer(create_app(model, checkpoint, "sft"))
+    try:
+        messages = [Message("system", "Be"), Message("user", "Say All")]
+        answer = server.client().chat.completions.create(
+            model="sft", messages=[{"role": m.role, "content": m.content} for m in messages], max_tokens=8,
+            temperature=0)
+        settings = SampleConfig(max_new_tokens=8, temperature=0.0, top_k=None)
+        expected, _ = reply(model, checkpoint.tokenizer, messages, settings, ChatTemplate.of(checkpoint.config))
+        assert answer.choices[0].message.content.strip() == expected and "<|" not in expected
+    finally:
+        server.close()

@@ -35,11 +35,12 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt import chat
+from gpt.chat import ChatTemplate
 from gpt.checkpoint import Checkpoint
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import GptError
 from gpt.inference.engine import Engine, QueueFull, Sequence, Token
-from gpt.inference.sample import CHAT_STOP, GrowingText, Streamer, prompt_ids, transcript
+from gpt.inference.sample import CHAT_STOP, GrowingText, Streamer, prompt_ids, reply_prompt, transcript
 from gpt.model import GPT
 
 log = logging.getLogger("gpt.serve")
@@ -112,15 +113,21 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-def conversation_prompt(checkpoint: Checkpoint, tokenizer: Tokenizer, messages: list[Message]
-                        ) -> tuple[list[int], list[str]]:
-    """The prompt ids of a conversation and the stops that end the assistant's turn: the one
-    place chat messages meet a model. Today every model gets the plain-text transcript `gpt
-    chat` uses for base models ("System: ...", "User: ...", "Assistant:"), which ends a reply
-    where the model starts the user's next line; a model trained with a chat template renders
-    its messages here instead."""
+def conversation_prompt(template: ChatTemplate | None, tokenizer: Tokenizer, messages: list[Message], room: int
+                        ) -> tuple[list[int], list[str], int]:
+    """The ids (at most `room`) that prompt a reply to a conversation, the stops that end the
+    reply, and how many tokens of the conversation were left out to fit: `gpt chat`'s way
+    (`reply_prompt`). A chat model renders the messages with its chat template (its reply ends
+    at `<|end|>`) and drops whole turns, oldest first; a base model gets the plain-text
+    transcript ("System: ...", "User: ...", "Assistant:"), cropped from the start, and its
+    reply ends where it starts the user's next line."""
     said = [chat.Message("system" if m.role == "developer" else m.role, m.text) for m in messages]
-    return prompt_ids(tokenizer, transcript(said)), [CHAT_STOP]
+    ids, dropped = reply_prompt(tokenizer, said, room, template)
+    stops = [] if template else [CHAT_STOP]
+    if not dropped:
+        return ids, stops, 0
+    whole = template.render(tokenizer, said, reply=True)[0] if template else prompt_ids(tokenizer, transcript(said))
+    return ids, stops, len(whole) - len(ids)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -259,10 +266,10 @@ class Choice:
     with the tokens whose text the piece completes, and ("end", index, reason). `settings`
     are the Sequence's sampling fields."""
 
-    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], prompt: list[int],
-                 max_tokens: int, **settings: Any):
+    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], end_token: int | None,
+                 prompt: list[int], max_tokens: int, **settings: Any):
         self.job, self.index = job, index
-        self.text = GrowingText(tokenizer, stops)
+        self.text = GrowingText(tokenizer, stops, end_token=end_token)
         self.streamer = Streamer(self._show, stops)
         self.scored: list[Token] = []  # parallel to text.tokens
         self.shown_tokens = 0
@@ -282,7 +289,7 @@ class Choice:
         if reason in ("stop", "length"):
             self.text.finish()
             self.streamer.finish(self.text.text)
-            reason = "stop" if self.text.stop_reason in ("eot", "stop") else "length"
+            reason = "stop" if self.text.stop_reason in ("eot", "end", "stop") else "length"
         self.job.post("end", self.index, reason)
 
     def _show(self, piece: str) -> None:
@@ -305,8 +312,11 @@ class Server:
         self.tokenizer = checkpoint.tokenizer
         self.context = model.config.block_size
         self.created = int(checkpoint.path.stat().st_mtime)
+        self.template = ChatTemplate.of(checkpoint.config)  # a chat model's; None for a base model
+        # A chat model may draw its text vocabulary and <|end|>; any other model its tokenizer's ids.
+        drawable = self.tokenizer.vocab_size if self.template is None else self.template.end + 1
         self.outbox: Outbox | None = None  # made on the event loop, when the app starts
-        self.engine = Engine(model, self.tokenizer.vocab_size, max_batch, max_queue, after_step=self.flush)
+        self.engine = Engine(model, drawable, max_batch, max_queue, after_step=self.flush)
         self.thread: threading.Thread | None = None
 
     def flush(self) -> None:
@@ -334,12 +344,16 @@ class Server:
         except GptError as exc:
             raise ApiError(400, f"{param}: {exc}", param) from None
 
-    def fit(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """The prompt cropped from the left to leave room for max_tokens; and how many tokens went."""
+    def room(self, max_tokens: int) -> int:
+        """How many prompt tokens fit in the context beside max_tokens new ones."""
         if max_tokens >= self.context:
             raise ApiError(400, f"max_tokens must be below the model's context of {self.context} tokens",
                            "max_tokens")
-        keep = self.context - max_tokens
+        return self.context - max_tokens
+
+    def fit(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """The prompt cropped from the left to leave room for max_tokens; and how many tokens went."""
+        keep = self.room(max_tokens)
         return ids[-keep:], max(0, len(ids) - keep)
 
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -358,17 +372,18 @@ class Server:
         return [list(ids) for ids in lists]
 
     def start(self, job: Job, prompts: list[list[int]], body: Sampling, max_tokens: int, stops: list[str],
-              logprobs: int | None, prompt_logprobs: bool = False) -> int:
-        """Queue `n` sequences per prompt; returns the tokens cropped from the prompts."""
-        cropped = 0
+              logprobs: int | None, prompt_logprobs: bool = False, cropped: int = 0) -> int:
+        """Queue `n` sequences per prompt; returns the tokens cropped from the prompts (with
+        `cropped`, those already left out)."""
         for p, ids in enumerate(prompts):
             ids, lost = self.fit(ids, max_tokens)
             cropped += lost
             job.prompt_tokens += len(ids)
             for j in range(body.n):  # choice j draws from seed + j: choice 0 is what n=1 gives
-                Choice(job, p * body.n + j, self.tokenizer, stops, ids, max_tokens, temperature=body.temperature,
-                       top_k=body.top_k, top_p=body.top_p, seed=None if body.seed is None else (body.seed + j) % 2**64,
-                       logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                Choice(job, p * body.n + j, self.tokenizer, stops, self.template.end if self.template else None, ids,
+                       max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                       seed=None if body.seed is None else (body.seed + j) % 2**64, logprobs=logprobs,
+                       prompt_logprobs=prompt_logprobs)
         if len(job.choices) > self.engine.max_queue:
             raise ApiError(400, f"n x prompts asks for {len(job.choices)} sequences; this server queues at most "
                                 f"{self.engine.max_queue}", "n")
@@ -486,9 +501,10 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         return body
 
     async def answer(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int,
-                     stops: list[str], logprobs: int | None, chat: bool, prompt_logprobs: bool = False):
+                     stops: list[str], logprobs: int | None, chat: bool, prompt_logprobs: bool = False,
+                     cropped: int = 0):
         job = Job(server.outbox)
-        cropped = server.start(job, prompts, body, max_tokens, stops, logprobs, prompt_logprobs)
+        cropped = server.start(job, prompts, body, max_tokens, stops, logprobs, prompt_logprobs, cropped)
         reply = Reply(server, job, "chatcmpl" if chat else "cmpl", cropped)
         if body.stream:
             return EventSourceResponse(reply.chunks(body, chat), sep="\n")
@@ -506,17 +522,19 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
     async def chat_completions(request: Request):
         body: ChatRequest = await parsed(request, ChatRequest)
         stops = body.stops()
-        try:
-            ids, template_stops = conversation_prompt(server.checkpoint, server.tokenizer, body.messages)
-        except GptError as exc:
-            raise ApiError(400, f"messages: {exc}", "messages") from None
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_tokens or body.max_completion_tokens or server.context // 2
+        try:
+            ids, template_stops, cropped = conversation_prompt(server.template, server.tokenizer, body.messages,
+                                                               server.room(max_tokens))
+        except GptError as exc:
+            raise ApiError(400, f"messages: {exc}", "messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await answer(request, body, [ids], max_tokens, [*stops, *template_stops], logprobs, chat=True)
+        return await answer(request, body, [ids], max_tokens, [*stops, *template_stops], logprobs, chat=True,
+                            cropped=cropped)
 
     return app
 
