@@ -60,13 +60,10 @@ def bench_model(name: str, tiny: bool, device: torch.device) -> tuple[GPT, Check
     return model, Checkpoint(path=folder, config=config, tokenizer_spec=spec, state={})
 
 
-def sample_tokens_per_s(model: GPT, checkpoint: Checkpoint, tokens: int, repeats: int) -> float:
-    """`gpt sample`'s speed at batch 1, greedy, the same prompts and length (best of `repeats`)."""
+def sample_tokens_per_s(model: GPT, checkpoint: Checkpoint, tokens: int, prompt: str) -> float:
+    """`gpt sample`'s speed at batch 1, greedy, for the prompt and length a client asks for."""
     settings = SampleConfig(max_new_tokens=tokens, temperature=0.0, top_k=None, ignore_eot=True)
-    best = 0.0
-    for i in range(repeats):
-        best = max(best, generate(model, checkpoint.tokenizer, PROMPTS[i % len(PROMPTS)], settings)[0].tokens_per_s)
-    return best
+    return generate(model, checkpoint.tokenizer, prompt, settings)[0].tokens_per_s
 
 
 def stream_one(url: str, prompt: str, tokens: int, out: dict) -> None:
@@ -150,12 +147,19 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model, checkpoint = bench_model(name, args.tiny, device)
-        sample_speed = sample_tokens_per_s(model, checkpoint, args.tokens, max(2, args.repeats))
-        del model
+        sample_tokens_per_s(model, checkpoint, 4, PROMPTS[0])  # warm-up
         process, url = start_server(name, args)
         try:
             run_level(url, 1, 4)  # warm-up
-            for clients in levels:
+            # 1 client and `gpt sample` in turns (the idle server takes no CPU), so that a shared
+            # host's swings hit both alike; the best of each is kept.
+            sample_speed, alone = 0.0, None
+            for _ in range(max(2, args.repeats)):
+                sample_speed = max(sample_speed, sample_tokens_per_s(model, checkpoint, args.tokens, PROMPTS[0]))
+                level = run_level(url, 1, args.tokens)
+                alone = level if alone is None or level["aggregate_tok_s"] > alone["aggregate_tok_s"] else alone
+            rows.append({"model": name, **alone})
+            for clients in (c for c in levels if c != 1):
                 best = max((run_level(url, clients, args.tokens) for _ in range(args.repeats)),
                            key=lambda r: r["aggregate_tok_s"])
                 rows.append({"model": name, **best})

@@ -61,9 +61,9 @@ class QueueFull(Exception):
 
 class Engine:
     """Runs sequences on `model` in batches of up to `max_batch`, with up to `max_queue` more
-    waiting; `run` loops on a thread of its own and calls `after_step` after each step (where
-    a caller hands on what the step's callbacks gathered, once per step rather than once per
-    token). `submit` and `cancel` may be called from any thread. `vocab_size` is the
+    waiting; `run` loops on a thread of its own. `after_step` is called after each forward
+    pass (where a caller hands on what the callbacks gathered, once per pass rather than once
+    per token). `submit` and `cancel` may be called from any thread. `vocab_size` is the
     tokenizer's: ids above it (appended special tokens) are never sampled."""
 
     def __init__(self, model: GPT, vocab_size: int, max_batch: int = 8, max_queue: int = 64,
@@ -120,7 +120,6 @@ class Engine:
                     if self.stopping:
                         break
                 self.step()
-                self.after_step()
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "cancelled")
         self.running, self.waiting = [], deque()
@@ -134,8 +133,10 @@ class Engine:
         joining = self._admit()
         if joining:
             self._guarded(joining, lambda: self._prefill(joining))
+            self.after_step()  # the first tokens go out now, not after the decoding pass too
         if self.running:
             self._guarded(list(self.running), self._decode)
+        self.after_step()
 
     def _guarded(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
         try:
