@@ -12,6 +12,7 @@ two candidates whose logits tie to ~1e-6 can swap (see README, Serve).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -126,14 +127,15 @@ class Engine:
         self.after_step()
 
     def step(self) -> None:
-        """Let waiting sequences into free rows (one prefill for all of them), then decode one
-        token for every running sequence. A failure ends the sequences of that forward pass
-        with "error", and the engine goes on."""
+        """Let waiting sequences into free rows (one prefill for all of them, again while more
+        came meanwhile and rows are free), then decode one token for every running sequence.
+        A failure ends the sequences of that forward pass with "error", and the engine goes on."""
         self._drop_cancelled()
         joining = self._admit()
-        if joining:
-            self._guarded(joining, lambda: self._prefill(joining))
+        while joining:  # prefills first: requests that came during one join before the batch decodes
+            self._guarded(joining, functools.partial(self._prefill, joining))
             self.after_step()  # the first tokens go out now, not after the decoding pass too
+            joining = self._admit()
         if self.running:
             self._guarded(list(self.running), self._decode)
         self.after_step()
