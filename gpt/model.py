@@ -102,6 +102,54 @@ class StaticKVCache(KVCache):
         self.index += length
 
 
+class RaggedKVCache(KVCache):
+    """A KVCache whose rows are separate sequences, each at its own length: the cache of
+    continuous batching, where a request joins the running batch and leaves when done.
+
+    Before each forward the caller names the rows that run, a range `first` to `first + B`
+    (a view of the buffers, not a copy), and how many new tokens each row brings; a forward's
+    idx (B, T) is padded on the right to the longest. Padding is written past its row's end,
+    where a later token overwrites it and no query ever looks."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(config, batch_size, device, dtype)
+        self.lengths = [0] * batch_size
+        self.slots = torch.arange(config.block_size, device=device)
+        self.run(0, [])
+
+    def run(self, first: int, counts: list[int]) -> None:
+        """The next forward runs rows first .. first + len(counts) - 1, row first + b adding
+        counts[b] new tokens after its `lengths`."""
+        self.rows, self.counts = slice(first, first + len(counts)), counts
+        starts, longest = self.lengths[self.rows], max(counts, default=0)
+        self.end = max(starts, default=0) + longest  # padding included
+        check_context(self.end, self.keys.size(3))
+        self.batch_positions = torch.tensor(starts, device=self.keys.device)[:, None] + self.slots[:longest]
+        self.batch_index = torch.arange(len(counts), device=self.keys.device)[:, None]
+        self.mask = self.slots[:self.end] <= self.batch_positions[:, None, :, None]  # (B, 1, T, end)
+
+    def positions(self, length: int) -> torch.Tensor:
+        """(B, length): row b's new tokens sit at lengths[b], lengths[b] + 1, ..."""
+        return self.batch_positions[:, :length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.keys[layer, self.rows][self.batch_index, :, self.batch_positions] = k.transpose(1, 2)
+        self.values[layer, self.rows][self.batch_index, :, self.batch_positions] = v.transpose(1, 2)
+        return self.keys[layer, self.rows, :, :self.end], self.values[layer, self.rows, :, :self.end], self.mask
+
+    def advance(self, length: int) -> None:
+        for row, count in zip(range(self.rows.start, self.rows.stop), self.counts):
+            self.lengths[row] += count
+
+    def move(self, source: int, target: int) -> None:
+        """Put the sequence of row `source` in row `target` (whose sequence is dropped), so that
+        the running rows stay a block at the top of the buffers."""
+        length = self.lengths[source]
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.lengths[target], self.lengths[source] = length, 0
+
+
 def check_context(length: int, block_size: int) -> None:
     """Refuse a sequence longer than the model's context: its positions do not exist."""
     if length > block_size:
@@ -225,6 +273,7 @@ class GPT(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm ones need a final one.
         self.norm_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._tables: dict[torch.device, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -264,16 +313,33 @@ class GPT(nn.Module):
             check_context(T, self.config.block_size)
             positions = torch.arange(T, device=idx.device)
         else:
-            positions = cache.positions(T)
+            positions = cache.positions(T)  # (T,), or (B, T) where each row is at its own position
         x = self.wte(idx)
         rope = None
         if self.config.pos_encoding == "learned":
             x = x + self.wpe(positions)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_table(positions, self.config.n_embd).to(x.dtype)
+            x = x + self._position_table(idx.device)[positions].to(x.dtype)
         else:
-            rope = rope_angles(positions, self.config.n_embd // self.config.n_head)
+            rope = tuple(table[positions] for table in self._position_table(idx.device))
+            if positions.dim() == 2:  # per-row angles: (B, 1, T, head_dim / 2) against (B, n_head, T, head_dim)
+                rope = tuple(table.unsqueeze(1) for table in rope)
         return self.drop(x), rope
+
+    def _position_table(self, device: torch.device) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The sinusoidal table, or rotary cos and sin, of every position in the context, made
+        once per device (as nanochat does) instead of on every forward, i.e. every decoded token.
+        A plain attribute, not a buffer: `model.to(bf16)` must not round the angles, and a model
+        built on the meta device gets its table where it runs."""
+        table = self._tables.get(device)
+        if table is None:
+            positions = torch.arange(self.config.block_size, device=device)
+            if self.config.pos_encoding == "sinusoidal":
+                table = sinusoidal_table(positions, self.config.n_embd)
+            else:
+                table = rope_angles(positions, self.config.n_embd // self.config.n_head)
+            self._tables[device] = table
+        return table
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The final normalised hidden state (B, T, n_embd) of each position: what the

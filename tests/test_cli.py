@@ -10,7 +10,7 @@ from gpt import __version__
 @pytest.mark.parametrize("verb, expected", [("prepare", "--val-fraction"), ("train", "train.lr_decay_iters"),
                                             ("sample", "--top-p"), ("chat", "--system"), ("info", "meta.json"),
                                             ("eval", "--fewshot-file"),
-                                            ("classify", "--text-a")])
+                                            ("classify", "--text-a"), ("serve", "--max-batch")])
 def test_every_verb_has_help(cli, verb, expected):
     code, out, _ = cli(verb, "--help")
     assert code == 0 and expected in out
@@ -31,6 +31,7 @@ def test_version_and_bare_command(cli):
     (["prepare", "--tokenizer", "wordpiece"], "--tokenizer must be gpt2, char or byte"),
     (["prepare", "--bogus"], "No such option"),
     (["info", "nowhere"], "checkpoint not found"),
+    (["serve", "nowhere"], "checkpoint not found"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(cli, args, message):
     code, out, err = cli(*args)

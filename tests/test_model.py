@@ -199,3 +199,17 @@ def test_qk_norm_under_bf16_autocast_stays_bf16_without_a_dtype_warning():
 def test_relu_squared_is_relu_then_square():
     x = torch.linspace(-3, 3, 13)
     assert torch.equal(ReLUSquared()(x), torch.clamp(x, min=0) ** 2)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
+def test_position_tables_are_made_once_per_device_and_stay_fp32(pos):
+    model = tiny(pos_encoding=pos)
+    idx = torch.randint(0, 50, (1, 16))
+    logits, _ = model(idx)
+    table = model._position_table(idx.device)
+    model(idx)
+    assert model._position_table(idx.device) is table  # not rebuilt by the next forward
+    half, _ = model.to(torch.bfloat16)(idx)  # a cast of the weights leaves the angles exact
+    tables = table if isinstance(table, tuple) else (table,)
+    assert all(t.dtype == torch.float32 for t in tables)
+    assert torch.allclose(half.float(), logits, atol=0.1)

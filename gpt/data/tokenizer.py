@@ -111,6 +111,10 @@ class TextDecoder:
         """The text that `token` completes (possibly empty)."""
         return self.utf8.decode(self.tokenizer.decode_bytes([token]))
 
+    def holding(self) -> bool:
+        """Whether bytes of an unfinished character are held back."""
+        return bool(self.utf8.getstate()[0])
+
     def finish(self) -> str:
         """Whatever is still held back, with an incomplete character shown as U+FFFD."""
         return self.utf8.decode(b"", final=True)

@@ -7,8 +7,10 @@ instructions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -78,7 +80,7 @@ def decode(model: GPT, idx: torch.Tensor, steps: int, pick: Callable[[torch.Tens
     block_size = model.config.block_size
     device = next(model.parameters()).device
     static = device.type == "cuda" if static_cache is None else static_cache
-    cache = _new_cache(model, idx.size(0), static) if use_cache else None
+    cache = new_cache(model, idx.size(0), StaticKVCache if static else KVCache) if use_cache else None
     seq = idx[:, -block_size:]
     logits = model.forward_step(seq, cache)
     if copies > 1:
@@ -133,13 +135,20 @@ class CudaGraphStep:
         return self.logits
 
 
-def _new_cache(model: GPT, batch_size: int, static: bool) -> KVCache:
+def new_cache(model: GPT, batch_size: int, kind: type[KVCache] = KVCache) -> KVCache:
     """A cache in the dtype attention runs in: the autocast dtype when one is active (half the
     bytes to read per token on a GPU), else the weights' dtype."""
     param = next(model.parameters())
-    kind = param.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
-    return (StaticKVCache if static else KVCache)(model.config, batch_size, param.device, dtype)
+    device = param.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param.dtype
+    return kind(model.config, batch_size, param.device, dtype)
+
+
+def decoding_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision decoding runs in: autocast on a GPU (bf16, or fp16 where bf16 is missing),
+    fp32 elsewhere."""
+    precision = pick_dtype("auto", device) if device.type == "cuda" else torch.float32
+    return autocast_for(device, precision)()
 
 
 # A matrix smaller than this stays in nn.Linear: oneDNN's fixed cost per call outweighs what
@@ -223,76 +232,99 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, settings: SampleConf
     device = next(model.parameters()).device
     ids = prompt_tokens if prompt_tokens is not None else prompt_ids(tokenizer, prompt)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device)
-    if settings.seed is not None:
-        generator.manual_seed(settings.seed)
-    else:
-        generator.seed()
-    samples = [Sample(prompt=prompt) for _ in range(settings.num_samples)]
-    growing = [_GrowingText(sample, tokenizer, settings, end_token) for sample in samples]
-    stream = _Streamer(on_text, settings.stop) if on_text else None
+    generator = seeded_generator(device, settings.seed)
+    growing = [GrowingText(tokenizer, settings.stop, settings.ignore_eot, end_token)
+               for _ in range(settings.num_samples)]
+    stream = Streamer(on_text, settings.stop) if on_text else None
     drawable = tokenizer.vocab_size if end_token is None else end_token + 1
     pick = functools.partial(pick_tokens, temperature=settings.temperature, top_k=settings.top_k,
                              top_p=settings.top_p, generator=generator, vocab_size=drawable)
     start = time.perf_counter()
-    precision = pick_dtype("auto", device) if device.type == "cuda" else torch.float32
-    with evaluating(model), autocast_for(device, precision)():
+    with evaluating(model), decoding_autocast(device):
         for tokens in decode(model, idx, settings.max_new_tokens, pick, settings.kv_cache, settings.num_samples):
             for text, token in zip(growing, tokens.tolist()):
                 text.add(token)
             if stream:
-                stream.update(samples[0].text)
-            if all(s.done for s in samples):
+                stream.update(growing[0].text)
+            if all(text.done for text in growing):
                 break
     elapsed = max(time.perf_counter() - start, 1e-9)
     for text in growing:
         text.finish()
-        text.sample.tokens_per_s = len(text.sample.tokens) / elapsed
     if stream:
-        stream.finish(samples[0].text)
-    return samples
+        stream.finish(growing[0].text)
+    return [Sample(prompt=prompt, tokens=text.tokens, text=text.text, stop_reason=text.stop_reason,
+                   tokens_per_s=len(text.tokens) / elapsed, done=text.done) for text in growing]
 
 
-class _GrowingText:
-    """Appends tokens to one sample: decodes only the new token, looks for stop strings only
-    where the new text could complete one, and marks the sample done when it ends."""
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator of its own for one stream of samples: seeded, or randomly when seed is None."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
 
-    def __init__(self, sample: Sample, tokenizer: Tokenizer, settings: SampleConfig, end_token: int | None):
-        self.sample, self.tokenizer, self.settings, self.end_token = sample, tokenizer, settings, end_token
+
+
+class GrowingText:
+    """The text of one sample as tokens arrive: decodes only the new token, looks for stop
+    strings only where the new text could complete one, and marks the sample done when it ends
+    (`stop_reason` "eot", "end" (a chat model's `end_token`), "stop", or "max_tokens" while it
+    runs). `ends[i]` is the length of the text once token i is part of it (inf while its
+    character is unfinished), which ties each token to its place in the text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], ignore_eot: bool = False, end_token: int | None = None):
+        self.tokenizer, self.stop, self.ignore_eot, self.end_token = tokenizer, stop, ignore_eot, end_token
         self.decoder = TextDecoder(tokenizer)
-        self.longest_stop = max((len(s) for s in settings.stop), default=0)
+        self.longest_stop = max((len(s) for s in stop), default=0)
+        self.tokens: list[int] = []
+        self.ends: list[float] = []
+        self.text = ""
+        self.done = False
+        self.stop_reason = "max_tokens"
 
     def add(self, token: int) -> None:
-        sample = self.sample
-        if sample.done:
+        if self.done:
             return
-        if token == self.tokenizer.eot and not self.settings.ignore_eot:
-            sample.done, sample.stop_reason = True, "eot"
+        if token == self.tokenizer.eot and not self.ignore_eot:
+            self.done, self.stop_reason = True, "eot"
             return
         if token == self.end_token:
-            sample.done, sample.stop_reason = True, "end"
+            self.done, self.stop_reason = True, "end"
             return
-        sample.tokens.append(token)
+        self.tokens.append(token)
         self._extend(self.decoder.add(token))
+        self.ends.append(math.inf)
+        if not self.decoder.holding():
+            self._place_tokens()
 
     def finish(self) -> None:
-        if not self.sample.done:
+        if not self.done:
             self._extend(self.decoder.finish())
+            self._place_tokens()
+
+    def _place_tokens(self) -> None:
+        """The tokens whose character was unfinished end where the text ends now."""
+        i = len(self.ends) - 1
+        while i >= 0 and self.ends[i] == math.inf:
+            self.ends[i] = len(self.text)
+            i -= 1
 
     def _extend(self, piece: str) -> None:
         if not piece:
             return
-        sample = self.sample
-        search_from = max(0, len(sample.text) - self.longest_stop + 1)
-        sample.text += piece
-        hits = [i for i in (sample.text.find(s, search_from) for s in self.settings.stop) if i >= 0]
+        search_from = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
-            sample.text = sample.text[:min(hits)]
-            sample.done, sample.stop_reason = True, "stop"
+            self.text = self.text[:min(hits)]
+            self.done, self.stop_reason = True, "stop"
 
 
-class _Streamer:
-    """Prints the growing text of one sample, never a part that a stop string may remove."""
+class Streamer:
+    """Passes on the growing text of one sample, never a part that a stop string may remove."""
 
     def __init__(self, on_text: Callable[[str], None], stops: list[str]):
         self.on_text = on_text
