@@ -220,8 +220,8 @@ def test_budgeted_run_resumes_bitwise_with_what_is_left_of_its_budget(char_data,
     clock.now = 1000.0
     assert train(split, resume=True) == 0
     states = [read_checkpoint(tmp_path / name).state for name in ("straight", "split")]
-    assert states[0]["budget"] == states[1]["budget"]
-    plan = states[0]["budget"]["plan"]
+    assert states[0].budget == states[1].budget
+    plan = states[0].budget["plan"]
     assert plan > 47  # re-planned after the resume, when the steps got faster: 10 + 37 was the first plan
     rows = [[{k: r[k] for k in LOGGED} for r in read_metrics(tmp_path / name / "metrics.csv")]
             for name in ("straight", "split")]
