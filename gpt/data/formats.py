@@ -305,7 +305,7 @@ class RunFolder:
 
     def run_files(self) -> list[Path]:
         """Everything a new run started with --overwrite removes."""
-        return self.checkpoints() + self.best_folders() + [self.latest, self.best, self.run_config, self.metrics,
+        return self.checkpoints() + self.best_folders() + [self.latest, self.best, self.metrics,
                                                            self.plot, self.tensorboard]
 
     def holds_run(self) -> bool:
