@@ -85,6 +85,7 @@ def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: Toke
     fsync_path(folder / WEIGHTS)
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
+    tokenizer.write_file(folder, RunFolder.TOKENIZER_FILE)
     write_durably(folder / RunFolder.STATE, json.dumps(state, indent=1) + "\n")
 
 
@@ -203,7 +204,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         config = build_config(read_yaml(folder / RunFolder.CONFIG))
         tokenizer_json = json.loads((folder / RunFolder.TOKENIZER).read_text(encoding="utf-8"))
-        tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER))
+        tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER), folder,
+                                            RunFolder.TOKENIZER_FILE)
         state = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:
         raise GptError(f"checkpoint {folder} is incomplete or corrupt ({exc}); {ANOTHER_CHECKPOINT}") from None
