@@ -56,6 +56,8 @@ RECIPES = {
 # A line start whose first character is not whitespace: a safe place to cut the text.
 SAFE_CUT = re.compile(r"\n(?=\S)")
 NAMED_TOKENIZERS = ("gpt2", "char", "byte", "bpe")
+# Text pieces handed to the BPE trainer: it holds 256 of them at a time, with their pre-tokens.
+TRAIN_PIECE_CHARS = 1 << 14
 # Rows of a Parquet file turned into Python strings at a time (pyarrow reads a row group, then slices it).
 PARQUET_BATCH_ROWS = 1024
 
@@ -164,6 +166,17 @@ def _last_safe_cut(text: str) -> int:
     if pos >= 0:
         return pos + 1
     return len(text) if len(text) > 8 * CHUNK_BYTES else 0
+
+
+def _small_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most about `size` characters, cut at safe line starts where there
+    are any (else anywhere: this feeds the BPE trainer, for which a rare cut word is no harm)."""
+    start = 0
+    while len(text) - start > size:
+        cut = _last_safe_cut(text[start:start + size]) or size
+        yield text[start:start + cut]
+        start += cut
+    yield text[start:]
 
 
 def _read_chunks(handle, start: int, end: int | None, hasher, progress: tqdm | None) -> Iterator[bytes]:
@@ -553,7 +566,7 @@ def _trained_bpe(opts: PrepareOptions, train_sources: list[Source], val_sources:
             for split, document in _split_documents(opts, reader, train_sources, val_sources):
                 for piece in document if split == "train" else ():
                     fed += len(piece)
-                    yield piece
+                    yield from _small_pieces(piece, TRAIN_PIECE_CHARS)
         except BaseException as exc:  # the trainer reports a failed iterator in its own words; keep ours
             failure.append(exc)
             raise

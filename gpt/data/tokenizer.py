@@ -310,9 +310,14 @@ class HFTokenizer(Tokenizer):
         return np.array(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str], workers: int = 1) -> list[np.ndarray]:
-        # The library encodes a batch in its own thread pool (all cores; RAYON_NUM_THREADS limits it).
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+        """The library encodes a batch in its own thread pool (RAYON_NUM_THREADS sizes it), `workers`
+        texts at a time: an Encoding costs about 100 bytes a token, so a whole batch at once would
+        hold hundreds of megabytes."""
+        ids = []
+        for start in range(0, len(texts), max(1, workers)):
+            encodings = self.backend.encode_batch_fast(texts[start:start + max(1, workers)], add_special_tokens=False)
+            ids.extend(np.array(e.ids, dtype=np.uint32) for e in encodings)
+        return ids
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return b"".join(self._pieces[i] for i in ids if 0 <= i < self.vocab_size)
