@@ -343,12 +343,12 @@ def _token_bytes(backend, config: dict[str, Any], ids: dict[str, int], vocab_siz
     pieces = [b""] * vocab_size
     for token, i in ids.items():
         fallback = BYTE_FALLBACK.match(token)
-        if token in added:
+        if fallback and not byte_level:
+            pieces[i] = bytes([int(fallback.group(1), 16)])
+        elif token in added:
             pieces[i] = token.encode("utf-8")
         elif byte_level and all(char in unspell for char in token):
             pieces[i] = bytes(unspell[char] for char in token)
-        elif fallback and not byte_level:
-            pieces[i] = bytes([int(fallback.group(1), 16)])
         else:
             pieces[i] = (token.replace("\u2581", " ") if metaspace else token).encode("utf-8")
     return pieces
