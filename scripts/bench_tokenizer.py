@@ -10,8 +10,8 @@ trained BPE compresses next to GPT-2's, and how fast it encodes next to tiktoken
 - compression: UTF-8 bytes per token (more is better) on English, Shakespeare's last 10% (the
   val split `gpt prepare` cuts; the BPEs are trained on the other 90%), and on Chinese, a
   passage written for this benchmark (ZH below). Rows: GPT-2, the BPEs trained on Shakespeare,
-  and, when `jieba` (MIT) is installed, a BPE trained on 20 MB of Chinese drawn from jieba's
-  word-frequency dictionary (the passage itself is never trained on).
+  and, when `jieba` (MIT) is installed, BPEs trained on --zh-mb (10) MB of Chinese drawn from
+  jieba's word-frequency dictionary (the passage itself is never trained on).
 - encoding: MB/s on the Shakespeare text, one thread, the trained BPE (Hugging Face
   `tokenizers`) against tiktoken's GPT-2 (`encode_ordinary`), taken alternately, best of 5.
 """
@@ -82,8 +82,11 @@ def shakespeare_halves() -> tuple[str, str]:
     return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
 
 
-def write_generated(path: Path, megabytes: int, words: list[str], weights: np.ndarray, sep: str, seed: int) -> None:
-    """`megabytes` MB of words drawn with `weights`, lines of ~12 words, 1 in 40 a number."""
+def write_generated(path: Path, megabytes: int, words: list[str], weights: np.ndarray, seed: int,
+                    chinese: bool = False) -> None:
+    """`megabytes` MB of words drawn with `weights`, 1 in 40 a number, lines of 12 words: joined
+    by spaces, or for Chinese without them, a comma after every fourth word and a full stop at
+    the end (Chinese clauses are the pieces GPT-4's split pattern makes of it)."""
     rng = np.random.default_rng(seed)
     target = megabytes * (1 << 20)
     with open(path, "w", encoding="utf-8") as out:
@@ -91,7 +94,11 @@ def write_generated(path: Path, megabytes: int, words: list[str], weights: np.nd
             drawn = rng.choice(len(words), size=120_000, p=weights)
             numbers = rng.integers(0, 100_000, size=drawn.size)
             tokens = [str(n) if d % 40 == 0 else words[d] for d, n in zip(drawn, numbers)]
-            lines = [sep.join(tokens[i:i + 12]) for i in range(0, len(tokens), 12)]
+            if chinese:
+                lines = ["，".join("".join(tokens[j:j + 4]) for j in range(i, i + 12, 4)) + "。"
+                         for i in range(0, len(tokens), 12)]
+            else:
+                lines = [" ".join(tokens[i:i + 12]) for i in range(0, len(tokens), 12)]
             out.write("\n".join(lines) + "\n")
 
 
@@ -168,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4096,16384,32768")
     parser.add_argument("--big-mb", type=int, default=100)
-    parser.add_argument("--zh-mb", type=int, default=20)
+    parser.add_argument("--zh-mb", type=int, default=10)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -181,27 +188,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_file, big = Path(tmp) / "train.txt", Path(tmp) / "big.txt"
         train_file.write_text(train_text, encoding="utf-8")
-        write_generated(big, args.big_mb, *english_words(), sep=" ", seed=0)
+        write_generated(big, args.big_mb, *english_words(), seed=0)
         trained = {}
         for size in sizes:
             for name, path in (("Shakespeare train split", train_file), (f"generated {args.big_mb} MB", big)):
                 tokenizer, seconds = timed_training(path, size)
                 megabytes = path.stat().st_size / 1e6
-                results["training"].append({"corpus": name, "size": size, "seconds": seconds, "mb": megabytes,
-                                            "mb_per_s": megabytes / seconds})
+                results["training"].append({"corpus": name, "size": size, "tokens": tokenizer.vocab_size,
+                                            "seconds": seconds, "mb": megabytes, "mb_per_s": megabytes / seconds})
                 print(results["training"][-1], flush=True)
                 if path == train_file:
                     trained[size] = tokenizer
-            results["compression"].append({"tokenizer": f"BPE {size:,} on Shakespeare train",
+            results["compression"].append({"tokenizer": f"BPE {trained[size].vocab_size:,} on Shakespeare train",
                                            "english": bytes_per_token(trained[size].encode, val_text),
                                            "chinese": bytes_per_token(trained[size].encode, ZH)})
         zh_words = chinese_words()
         if zh_words is not None:
             zh_file = Path(tmp) / "zh.txt"
-            write_generated(zh_file, args.zh_mb, *zh_words, sep="", seed=1)
+            write_generated(zh_file, args.zh_mb, *zh_words, seed=1, chinese=True)
             for size in sizes:
                 tokenizer, seconds = timed_training(zh_file, size)
-                results["compression"].append({"tokenizer": f"BPE {size:,} on {args.zh_mb} MB jieba-drawn Chinese",
+                results["compression"].append({"tokenizer": f"BPE {tokenizer.vocab_size:,} on {args.zh_mb} MB of "
+                                                            "jieba-drawn Chinese",
                                                "english": bytes_per_token(tokenizer.encode, val_text),
                                                "chinese": bytes_per_token(tokenizer.encode, ZH)})
         results["encode_mb_per_s"] = encode_speed(SHAKESPEARE.read_text(encoding="utf-8"), trained[sizes[0]])
@@ -212,9 +220,9 @@ def main() -> None:
 
 def report(results: dict, args) -> str:
     lines = [f"{results['date']}, {results['host']}", "",
-             "| corpus | vocab | MB | seconds | MB/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['corpus']} | {r['size']:,} | {r['mb']:.1f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} |"
-              for r in results["training"]]
+             "| corpus | --vocab-size | tokens made | MB | seconds | MB/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['corpus']} | {r['size']:,} | {r['tokens']:,} | {r['mb']:.1f} | {r['seconds']:.1f} "
+              f"| {r['mb_per_s']:.2f} |" for r in results["training"]]
     lines += ["", "| tokenizer | English bytes/token | Chinese bytes/token |", "|---|---|---|"]
     lines += [f"| {r['tokenizer']} | {r['english']:.2f} | {r['chinese']:.2f} |" for r in results["compression"]]
     lines += ["", "| encoder (Shakespeare, 1.1 MB) | MB/s |", "|---|---|"]
