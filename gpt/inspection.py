@@ -71,6 +71,9 @@ def pick_tokenizer(name: str | None, data: str | None, checkpoint: str | None) -
     if name in ("char", "bpe"):
         raise GptError(f"a {name} vocabulary comes from the data: use --data DATA_DIR or --checkpoint RUN instead")
     if name not in (None, "gpt2", "byte"):
+        if not Path(name).exists():
+            raise GptError(f"unknown tokenizer {name!r}; give gpt2, byte or a Hugging Face tokenizer.json "
+                           "(char and bpe come with --data or --checkpoint)")
         return read_hf_tokenizer(name).build()
     return make_tokenizer(name or "gpt2")
 

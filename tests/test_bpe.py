@@ -28,7 +28,7 @@ from gpt.data.prepare import PrepareOptions, prepare
 from gpt.data.shards import load_dataset
 from gpt.data.tokenizer import EOT_TEXT, HFTokenizer, TextDecoder, TokenizerSpec, byte_spelling, train_bpe
 from gpt.errors import GptError
-from gpt.evaluation.evaluate import count_text_bytes
+from gpt.evaluation.perplexity import count_text_bytes
 from gpt.model import GPT
 from gpt.training.loop import train
 from gpt.training.objectives import check_init_from

@@ -105,6 +105,18 @@ class TokenizerSpec:
         """The name, and for a file its short sha256: what `gpt info` and messages show."""
         return self.name if self.file is None else f"{self.name} (tokenizer.json sha256 {text_sha256(self.file)[:12]})"
 
+    def difference(self, other: TokenizerSpec, mine: str, theirs: str) -> str:
+        """How this tokenizer differs from `other`, in words; `mine` and `theirs` name where the
+        two come from ("the data", "the checkpoint"). Two char vocabularies are told apart by
+        the characters one has and the other lacks."""
+        if self.name != other.name or self.vocab is None or other.vocab is None:
+            return f"{mine} uses the {self.describe()} tokenizer, {theirs} the {other.describe()} one"
+        extra, missing = set(self.vocab) - set(other.vocab), set(other.vocab) - set(self.vocab)
+        sides = [f"{mine} has {_characters(extra)} that {theirs} lacks" if extra else None,
+                 f"{theirs} has {_characters(missing)} that {mine} lacks" if missing else None]
+        return (f"{mine} and {theirs} have different char vocabularies ({len(self.vocab)} and {len(other.vocab)} "
+                f"characters): {'; '.join(side for side in sides if side)}")
+
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -119,18 +131,6 @@ def read_tokenizer_file(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
         raise GptError(f"cannot read {path} ({reason}); give a Hugging Face tokenizer.json") from None
-
-    def difference(self, other: TokenizerSpec, mine: str, theirs: str) -> str:
-        """How this tokenizer differs from `other`, in words; `mine` and `theirs` name where the
-        two come from ("the data", "the checkpoint"). Two char vocabularies are told apart by
-        the characters one has and the other lacks."""
-        if self.name != other.name or self.vocab is None or other.vocab is None:
-            return f"{mine} uses the {self.describe()} tokenizer, {theirs} the {other.describe()} one"
-        extra, missing = set(self.vocab) - set(other.vocab), set(other.vocab) - set(self.vocab)
-        sides = [f"{mine} has {_characters(extra)} that {theirs} lacks" if extra else None,
-                 f"{theirs} has {_characters(missing)} that {mine} lacks" if missing else None]
-        return (f"{mine} and {theirs} have different char vocabularies ({len(self.vocab)} and {len(other.vocab)} "
-                f"characters): {'; '.join(side for side in sides if side)}")
 
 
 def _characters(chars: set[str], shown: int = 8) -> str:
