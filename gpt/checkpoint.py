@@ -91,6 +91,7 @@ def _write_model_files(folder: Path, model: GPT, config: Config, tokenizer: Toke
     save_file(tensors, str(folder / WEIGHTS))
     write_durably(folder / RunFolder.CONFIG, dump_yaml(config))
     write_durably(folder / RunFolder.TOKENIZER, json.dumps(tokenizer.to_json(), ensure_ascii=False) + "\n")
+    tokenizer.write_file(folder, RunFolder.TOKENIZER_FILE)
     write_durably(folder / RunFolder.STATE, json.dumps(state.to_json(), indent=1) + "\n")
 
 
@@ -179,7 +180,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         config = build_config(read_yaml(folder / RunFolder.CONFIG))
         tokenizer_json = json.loads((folder / RunFolder.TOKENIZER).read_text(encoding="utf-8"))
-        tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER))
+        tokenizer = TokenizerSpec.from_json(tokenizer_json, str(folder / RunFolder.TOKENIZER), folder,
+                                            RunFolder.TOKENIZER_FILE)
         state_json = json.loads((folder / RunFolder.STATE).read_text(encoding="utf-8"))
         state = RunState.from_json(state_json, str(folder / RunFolder.STATE))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, GptError) as exc:

@@ -36,15 +36,27 @@ from gpt.checkpoint import (
 )
 from gpt.config import Config, ModelConfig, build_config
 from gpt.data.formats import RunState
-from gpt.data.tokenizer import EOT_TEXT, GPT2_RANKS, GPT2_RANKS_SHA256, CharTokenizer, TokenizerSpec
+from gpt.data.tokenizer import (
+    EOT_TEXT,
+    GPT2_RANKS,
+    GPT2_RANKS_SHA256,
+    TOKENIZER_FILE,
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    TokenizerSpec,
+    byte_spelling,
+    read_hf_tokenizer,
+)
 from gpt.durable import replacing_folder, write_durably
 from gpt.errors import GptError
 from gpt.model import GPT
 
 HF_PREFIX = "hf:"
 GPT2_VOCAB = 50257
-# Our tokenizer.json, kept beside an export whose tokenizer Hugging Face's GPT-2 files cannot
-# describe (char, byte), so that importing the folder again restores it.
+# Our tokenizer description, kept beside an export whose tokenizer Hugging Face's GPT-2 files
+# cannot describe (char, byte) or that is a tokenizer.json of its own (bpe, hf), so that
+# importing the folder again restores it exactly.
 TOKENIZER_SIDECAR = "gpt_tokenizer.json"
 # Hugging Face activation names -> ours. gelu_new, gelu_pytorch_tanh and gelu_fast are all
 # the tanh approximation; "gelu" is the exact erf form.
@@ -151,9 +163,7 @@ def read_hf(folder: str | Path) -> ImportedModel:
     weights = _from_gpt2_tensors(tensors, config, conv1d=True, source=str(weights_file))
     if hf.get("bias") is False:
         weights, config = _without_zero_biases(weights, config)
-    sidecar = folder / TOKENIZER_SIDECAR
-    spec = (TokenizerSpec.from_json(_read_json(sidecar, "our tokenizer description"), str(sidecar))
-            if sidecar.is_file() else TokenizerSpec("gpt2"))
+    spec = _folder_tokenizer(folder)
     tokenizer = spec.build()
     if tokenizer.vocab_size > config.vocab_size:
         raise GptError(f"{folder}: vocab_size {config.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
@@ -171,6 +181,19 @@ def _without_zero_biases(weights: dict[str, torch.Tensor], config: ModelConfig
         return weights, config
     kept = {name: tensor for name, tensor in weights.items() if name not in biases}
     return kept, dataclasses.replace(config, bias=False)
+
+
+def _folder_tokenizer(folder: Path) -> TokenizerSpec:
+    """A Hugging Face folder's tokenizer: the one our export described, else its tokenizer.json
+    (GPT-2's own vocabulary is our gpt2 tokenizer), else GPT-2's."""
+    sidecar = folder / TOKENIZER_SIDECAR
+    if sidecar.is_file():
+        return TokenizerSpec.from_json(_read_json(sidecar, "our tokenizer description"), str(sidecar), folder)
+    if not (folder / TOKENIZER_FILE).is_file():
+        return TokenizerSpec("gpt2")
+    spec = read_hf_tokenizer(folder / TOKENIZER_FILE)
+    vocab = spec.build().backend.get_vocab(with_added_tokens=True)
+    return TokenizerSpec("gpt2") if vocab == gpt2_vocab() else spec
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -381,14 +404,13 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> GPT:
         raise GptError(f"model.activation={config.activation} cannot be expressed as Hugging Face GPT-2, which "
                        f"has {', '.join(EXPORT_ACTIVATIONS)}; only GPT-2-shaped models can be exported")
     model = load_model(checkpoint)
-    tokenizer = checkpoint.tokenizer
-    files = gpt2_tokenizer_files() if tokenizer.name == "gpt2" else {
-        TOKENIZER_SIDECAR: json.dumps(checkpoint.tokenizer_spec.to_json(), ensure_ascii=False) + "\n"}
-    template = ChatTemplate.of(checkpoint.config)
-    if template is not None and tokenizer.name == "gpt2":  # transformers reads GPT-2's files, not ours
-        settings = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
-                    "unk_token": EOT_TEXT, "model_max_length": config.block_size,
-                    **template.hf_tokenizer_config(EOT_TEXT)}
+    tokenizer, spec = checkpoint.tokenizer, checkpoint.tokenizer_spec
+    files = gpt2_tokenizer_files() if spec.name == "gpt2" else {
+        TOKENIZER_SIDECAR: json.dumps(spec.to_json(), ensure_ascii=False) + "\n"}
+    if spec.file is not None:
+        files[TOKENIZER_FILE] = spec.file
+    settings = _tokenizer_config(tokenizer, config.block_size, ChatTemplate.of(checkpoint.config))
+    if settings is not None:
         files["tokenizer_config.json"] = json.dumps(settings, ensure_ascii=False, indent=2) + "\n"
     files["config.json"] = json.dumps(_hf_config(config, tokenizer.eot), indent=2) + "\n"
     with replacing_folder(Path(out_dir)) as tmp:
@@ -422,32 +444,51 @@ def _hf_config(config: ModelConfig, eot: int | None) -> dict[str, Any]:
             **({} if config.bias else {"bias": False})}
 
 
+def _tokenizer_config(tokenizer: Tokenizer, block_size: int, template: ChatTemplate | None) -> dict[str, Any] | None:
+    """tokenizer_config.json: for a tokenizer.json of our own (bpe) or brought (hf), the generic
+    fast tokenizer with end-of-text as bos and eos (GPT-2's convention) and special tokens'
+    spelling inside text encoded as text, as `gpt` encodes it; for GPT-2's files only when a
+    chat template needs one. A chat model's template adds its tokens, which must then be read
+    as special tokens (so its text is not split as ours would be)."""
+    if isinstance(tokenizer, HFTokenizer):
+        settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+                                    "split_special_tokens": template is None, "clean_up_tokenization_spaces": False}
+        eot = None if tokenizer.eot is None else tokenizer.backend.id_to_token(tokenizer.eot)
+        if eot is not None:
+            settings.update(bos_token=eot, eos_token=eot)
+    elif tokenizer.name == "gpt2" and template is not None:  # transformers reads GPT-2's files, not ours
+        eot = EOT_TEXT
+        settings = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
+                    "unk_token": EOT_TEXT, "model_max_length": block_size}
+    else:
+        return None
+    if template is not None:
+        settings.update(template.hf_tokenizer_config(eot))
+    return settings
+
+
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's vocab.json: each token spelled with one printable character per byte (as Hugging
+    Face spells them), then end-of-text (as in gpt.data.tokenizer.gpt2_encoding)."""
+    ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
+    spell = byte_spelling()
+    vocab = {"".join(spell[b] for b in token): rank for token, rank in ranks.items()}
+    vocab[EOT_TEXT] = len(ranks)
+    return vocab
+
+
 def gpt2_tokenizer_files() -> dict[str, str]:
     """GPT-2's vocab.json and merges.txt, derived from the bundled tiktoken ranks.
 
-    Hugging Face spells each token's bytes with one printable character per byte, and lists
-    the merges in rank order; a token's merge is the pair that BPE, using only merges of lower
-    rank, leaves it as."""
+    Hugging Face lists the merges in rank order; a token's merge is the pair that BPE, using
+    only merges of lower rank, leaves it as."""
     ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
-    spell = _byte_spelling()
+    spell = byte_spelling()
     text = {token: "".join(spell[b] for b in token) for token in ranks}
-    vocab = {text[token]: rank for token, rank in ranks.items()}
-    vocab[EOT_TEXT] = len(ranks)  # as in gpt.data.tokenizer.gpt2_encoding
     merges = [" ".join(text[part] for part in _last_merge(token, ranks))
               for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
+    return {"vocab.json": json.dumps(gpt2_vocab(), ensure_ascii=False) + "\n",
             "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
-
-
-def _byte_spelling() -> list[str]:
-    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the
-    others are moved to code points 256 and up, in byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    spelling, moved = [], 0
-    for byte in range(256):
-        spelling.append(chr(byte) if byte in printable else chr(256 + moved))
-        moved += byte not in printable
-    return spelling
 
 
 def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:

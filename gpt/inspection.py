@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt.data.tokenizer import EOT_TEXT, Tokenizer, UnknownCharacter, make_tokenizer
+from gpt.data.tokenizer import EOT_TEXT, Tokenizer, UnknownCharacter, make_tokenizer, read_hf_tokenizer
 from gpt.durable import save_png
 from gpt.errors import GptError
 from gpt.inference.sample import prompt_ids, sampling_probs
@@ -68,8 +68,13 @@ def pick_tokenizer(name: str | None, data: str | None, checkpoint: str | None) -
         from gpt.checkpoint import read_checkpoint
 
         return read_checkpoint(checkpoint).tokenizer
-    if name == "char":
-        raise GptError("a char vocabulary comes from the data: use --data DATA_DIR or --checkpoint RUN instead")
+    if name in ("char", "bpe"):
+        raise GptError(f"a {name} vocabulary comes from the data: use --data DATA_DIR or --checkpoint RUN instead")
+    if name not in (None, "gpt2", "byte"):
+        if not Path(name).exists():
+            raise GptError(f"unknown tokenizer {name!r}; give gpt2, byte or a Hugging Face tokenizer.json "
+                           "(char and bpe come with --data or --checkpoint)")
+        return read_hf_tokenizer(name).build()
     return make_tokenizer(name or "gpt2")
 
 

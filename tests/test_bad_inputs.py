@@ -35,10 +35,13 @@ def world(tmp_path_factory) -> Path:
     (root / "task_bad_label.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
     (root / "task_one_choice.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n'
                                                 '{"context": "a", "choices": ["b"], "label": 0}\n')
+    (root / "fake.parquet").write_text("not parquet")
     (root / "llama").mkdir()
     (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
     data = prepare(PrepareOptions(sources=[str(root / "good.txt")], tokenizer="char", out=str(root / "data"),
                                   workers=1))
+    prepare(PrepareOptions(sources=[str(root / "good.txt")], tokenizer="bpe", vocab_size=300, out=str(root / "bpe"),
+                           workers=1))
     (root / "other.txt").write_text("abc abc, cab.\n" * 200)
     other = prepare(PrepareOptions(sources=[str(root / "other.txt")], tokenizer="char", out=str(root / "other_data"),
                                    workers=1))
@@ -62,10 +65,12 @@ def world(tmp_path_factory) -> Path:
 
 def damaged_copy(world: Path, tmp: Path, what: str) -> Path:
     """A copy of the dataset or the run with one thing broken."""
-    if what in ("truncated", "magic", "vocab"):
-        data = shutil.copytree(world / "data", tmp / "data")
+    if what in ("truncated", "magic", "vocab", "edited"):
+        data = shutil.copytree(world / ("bpe" if what == "edited" else "data"), tmp / "data")
         shard = next(data.glob("*_train_*.bin"))
-        if what == "truncated":
+        if what == "edited":
+            (data / "tokenizer.json").write_text((data / "tokenizer.json").read_text() + "\n")
+        elif what == "truncated":
             shard.write_bytes(shard.read_bytes()[:-3])
         elif what == "magic":
             shard.write_bytes(np.int32(7).tobytes() + shard.read_bytes()[4:])
@@ -123,6 +128,25 @@ CASES = [
      "number.jsonl:1: field 'text' holds a int, not a string"),
     ("prepare-stdin-twice", ["prepare", "-", "-", "--out", "{t}/d"], "stdin ('-') can be read only once"),
     ("prepare-bad-option", ["prepare", "--bogus"], "gpt prepare --help)"),
+    ("prepare-bpe-vocab-size", ["prepare", "{w}/good.txt", "--tokenizer", "bpe", "--vocab-size", "70000", "--out",
+                                "{t}/d"], "--vocab-size must be between 257 (256 bytes + end-of-text) and 65,536"),
+    ("prepare-bpe-tiny-vocab", ["prepare", "{w}/good.txt", "--tokenizer", "bpe", "--vocab-size", "256", "--out",
+                                "{t}/d"], "--vocab-size must be between 257"),
+    ("prepare-bpe-no-vocab-size", ["prepare", "{w}/good.txt", "--tokenizer", "bpe", "--out", "{t}/d"],
+     "--tokenizer bpe needs --vocab-size N"),
+    ("prepare-vocab-size-without-bpe", ["prepare", "{w}/good.txt", "--vocab-size", "500", "--out", "{t}/d"],
+     "--vocab-size is the size of a BPE to train"),
+    ("prepare-bpe-empty", ["prepare", "{w}/empty.txt", "--tokenizer", "bpe", "--vocab-size", "300", "--out", "{t}/d"],
+     "the corpus is empty"),
+    ("prepare-bpe-invalid-utf8", ["prepare", "{w}/bad_utf8.txt", "--tokenizer", "bpe", "--vocab-size", "300",
+                                  "--out", "{t}/d"], "invalid UTF-8 at byte offset 11"),
+    ("prepare-tokenizer-not-tokenizer-json", ["prepare", "{w}/good.txt", "--tokenizer", "{w}/good.yaml", "--out",
+                                              "{t}/d"], "good.yaml: not a Hugging Face tokenizer.json"),
+    ("prepare-tokenizer-from-missing", ["prepare", "{w}/good.txt", "--tokenizer-from", "{w}/nowhere", "--out",
+                                        "{t}/d"], "nowhere: not found; give a dataset, run or checkpoint folder"),
+    ("prepare-tokenizer-from-and-tokenizer", ["prepare", "{w}/good.txt", "--tokenizer-from", "{w}/bpe", "--tokenizer",
+                                              "gpt2", "--out", "{t}/d"], "drop --tokenizer and --vocab-size"),
+    ("prepare-not-parquet", ["prepare", "{w}/fake.parquet", "--out", "{t}/d"], "is not a readable Parquet file"),
     # train
     ("train-no-config", ["train"], "give a config file"),
     ("train-missing-config", ["train", "{w}/nope.yaml"], "config file not found"),
@@ -144,6 +168,7 @@ CASES = [
     ("train-truncated-shard", ["train", "@truncated"], "the shard is truncated or corrupt"),
     ("train-wrong-magic", ["train", "@magic"], "not a token shard"),
     ("train-meta-vocab", ["train", "@vocab"], "does not match its char tokenizer"),
+    ("train-edited-tokenizer-json", ["train", "@edited"], "tokenizer.json was edited after"),
     ("train-vocab-mismatch", ["train", "{w}/good.yaml", "model.vocab_size=100"], "set model.vocab_size=null"),
     ("train-no-cuda", ["train", "{w}/good.yaml", "train.device=cuda"], "CUDA is not available"),
     ("train-block-size", ["train", "{w}/good.yaml", "model.block_size=100000"], "lower model.block_size"),
@@ -207,6 +232,7 @@ CASES = [
     ("classify-missing", ["classify", "{w}/nowhere", "--text", "hello"], "checkpoint not found"),
     # look inside
     ("tokenize-empty", ["tokenize", ""], "the text is empty"),
+    ("tokenize-bpe-without-data", ["tokenize", "--tokenizer", "bpe", "hi"], "a bpe vocabulary comes from the data"),
     ("tokenize-two-sources", ["tokenize", "--tokenizer", "gpt2", "--data", "{w}/data", "hi"], "give only one of"),
     ("tokenize-char-outside-vocab", ["tokenize", "--data", "{w}/data", "Zebra"],
      "not in this char vocabulary; remove it from the text, or use --tokenizer byte or gpt2"),

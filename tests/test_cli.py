@@ -28,7 +28,7 @@ def test_version_and_bare_command(cli):
     (["train", "configs/shakespeare_char.yaml", "train.lr=abc"], "train.lr: invalid value 'abc'"),
     (["train"], "give a config file"),
     (["train", "--resume", "runs/nowhere"], "--resume takes a run folder"),
-    (["prepare", "--tokenizer", "wordpiece"], "--tokenizer must be gpt2, char or byte"),
+    (["prepare", "--tokenizer", "wordpiece"], "--tokenizer must be gpt2, char, byte, bpe or a Hugging Face tokenizer.json"),
     (["prepare", "--bogus"], "No such option"),
     (["info", "nowhere"], "checkpoint not found"),
     (["serve", "nowhere"], "checkpoint not found"),

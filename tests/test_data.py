@@ -93,7 +93,7 @@ def test_folder_glob_jsonl_and_document_split(tmp_path):
 
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"record {i}"}) for i in range(20)) + "\n")
-    folder = run(tmp_path, [jsonl], tokenizer="byte", jsonl_field="body", out=str(tmp_path / "j"))
+    folder = run(tmp_path, [jsonl], tokenizer="byte", text_field="body", out=str(tmp_path / "j"))
     assert load_dataset(folder).meta.splits["val"].tokens == len("record 0") + len("record 10") + 2
 
     folder = run(tmp_path, [str(docs / "**" / "0[0-4].txt")], tokenizer="byte", val_fraction=0.0,

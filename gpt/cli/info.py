@@ -56,6 +56,7 @@ def info(
     from gpt.inference.classify import describe_task
 
     _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state.to_json(), "tokenizer": ckpt.tokenizer_spec.name,
+                 "tokenizer_sha256": ckpt.tokenizer_spec.to_json().get("sha256"),
                  "model": _model_info(ckpt.config.model), "task": describe_task(ckpt),
                  "checkpoints": [other.name for other in RunFolder(folder).checkpoints()]}, as_json)
 
@@ -105,7 +106,8 @@ def _print_info(info: dict, as_json: bool) -> None:
     print(f"  {params:,} parameters ({size}), {model['flops_per_token']:.3g} training FLOPs per token "
           "(forward + backward at full context)")
     if "checkpoint" in info:
-        print(f"  tokenizer: {info['tokenizer']}; {_evaluation(state)}")
+        sha = f" (tokenizer.json sha256 {info['tokenizer_sha256'][:12]})" if info["tokenizer_sha256"] else ""
+        print(f"  tokenizer: {info['tokenizer']}{sha}; {_evaluation(state)}")
     if info.get("task"):
         print(f"  {info['task']}")
     for name in info.get("checkpoints", []):

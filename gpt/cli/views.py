@@ -13,7 +13,8 @@ from gpt.errors import GptError
 @app.command("tokenize")
 def tokenize_text(
     text: str = typer.Argument(..., help="Text to cut into tokens ('-' reads stdin)."),
-    tokenizer: Optional[str] = typer.Option(None, help="gpt2 (default) or byte; char needs --data or --checkpoint."),
+    tokenizer: Optional[str] = typer.Option(None, help="gpt2 (default), byte or a Hugging Face "
+                                            "tokenizer.json; char and bpe need --data or --checkpoint."),
     data: Optional[str] = typer.Option(None, help="Use the tokenizer of this dataset folder."),
     checkpoint: Optional[str] = typer.Option(None, help="Use the tokenizer of this run or ckpt_* folder."),
 ) -> None:

@@ -92,6 +92,8 @@ class DatasetMeta:
                 "created_by": self.created_by}
 
     def write(self, folder: Path) -> None:
+        """Write meta.json, and beside it a bpe or hf tokenizer's tokenizer.json."""
+        self.tokenizer.write_file(folder)
         write_durably(folder / META_FILE, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -109,12 +111,12 @@ class DatasetMeta:
         if not isinstance(raw, dict) or raw.get("format_version") != META_FORMAT:
             raise GptError(f"{path}: unsupported meta.json format; run `gpt prepare --overwrite` to rebuild it")
         try:
-            return cls.from_json(raw, str(path))
+            return cls.from_json(raw, str(path), folder)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise GptError(f"{path} is missing fields or has wrong types; run `gpt prepare --overwrite`") from None
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], where: str) -> DatasetMeta:
+    def from_json(cls, raw: dict[str, Any], where: str, folder: Path) -> DatasetMeta:
         splits = {}
         for name, split in raw["splits"].items():
             shards = [ShardInfo(file=_plain_name(s["file"], where), tokens=_count(s["tokens"]),
@@ -124,9 +126,9 @@ class DatasetMeta:
             splits[str(name)] = SplitInfo(tokens=_count(split["tokens"]), shards=shards,
                                           bytes=None if size is None else _count(size))
         eot = raw.get("eot_id")
-        return cls(tokenizer=TokenizerSpec.from_json(raw["tokenizer"], where), vocab_size=_count(raw["vocab_size"]),
-                   eot_id=None if eot is None else _count(eot), splits=splits, sources=list(raw.get("sources", [])),
-                   created_by=str(raw.get("created_by", "")))
+        return cls(tokenizer=TokenizerSpec.from_json(raw["tokenizer"], where, folder),
+                   vocab_size=_count(raw["vocab_size"]), eot_id=None if eot is None else _count(eot), splits=splits,
+                   sources=list(raw.get("sources", [])), created_by=str(raw.get("created_by", "")))
 
 
 def _count(value: Any) -> int:
@@ -230,8 +232,8 @@ BEST_PATTERN = re.compile(r"^best_(\d{6,})$")
 class RunFolder:
     """Where a training run keeps its files (train.out_dir), the one owner of their names:
 
-        ckpt_000500/  model.safetensors, config.yaml, tokenizer.json, state.json, optimizer.pt
-                      (an FSDP run: optimizer/, its sharded optimizer state, instead of optimizer.pt)
+        ckpt_000500/  model.safetensors, config.yaml, tokenizer.json (+ hf_tokenizer.json), state.json,
+                      optimizer.pt (an FSDP run: optimizer/, its sharded optimizer state, instead)
         latest -> ckpt_000500        the newest complete checkpoint
         best -> best_000400/         lowest val loss: weights, config, tokenizer, state
         config.yaml                  the resolved config, written at start (each checkpoint has its own)
@@ -247,7 +249,8 @@ class RunFolder:
     # Files inside a checkpoint folder.
     WEIGHTS = "model.safetensors"
     CONFIG = "config.yaml"
-    TOKENIZER = "tokenizer.json"
+    TOKENIZER = "tokenizer.json"  # our description of the tokenizer (TokenizerSpec.to_json)
+    TOKENIZER_FILE = "hf_tokenizer.json"  # a bpe or hf tokenizer's Hugging Face tokenizer.json
     STATE = "state.json"
     TRAINING = "optimizer.pt"  # optimizer, scaler and per-rank sampler/RNG states
     OPTIMIZER_SHARDS = "optimizer"  # an FSDP run's optimizer state: a torch.distributed.checkpoint folder

@@ -1,8 +1,10 @@
 """`gpt prepare`: text sources and recipes -> streaming tokenization -> shards + meta.json.
 
 The corpus is never held in memory: files are read in chunks of about a megabyte, cut at
-line starts (a boundary GPT-2's pre-tokenizer never merges across, so tokens match encoding
-the whole text at once), tokenized in batches across threads and appended to shards. Output
+line starts (a boundary GPT-2's and GPT-4's pre-tokenizers never merge across, so tokens match
+encoding the whole text at once), tokenized in batches across threads and appended to shards.
+JSONL files give one document a line, Parquet files one a row, read one row group at a time.
+`--tokenizer bpe` first trains a BPE on the same stream of the train split's text. Output
 goes to a temporary folder renamed into place at the end, so a failure leaves nothing behind.
 """
 
@@ -26,9 +28,17 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gpt.data.formats import META_FILE, TOKEN_DTYPE, DatasetMeta, SplitInfo
+from gpt.data.formats import META_FILE, DatasetMeta, SplitInfo
 from gpt.data.shards import ShardWriter
-from gpt.data.tokenizer import CharTokenizer, Tokenizer, make_tokenizer
+from gpt.data.tokenizer import (
+    MAX_VOCAB,
+    CharTokenizer,
+    Tokenizer,
+    TokenizerSpec,
+    check_bpe_vocab_size,
+    read_hf_tokenizer,
+    train_bpe,
+)
 from gpt.durable import FolderLock, replace_folder
 from gpt.errors import GptError
 
@@ -45,6 +55,11 @@ RECIPES = {
 }
 # A line start whose first character is not whitespace: a safe place to cut the text.
 SAFE_CUT = re.compile(r"\n(?=\S)")
+NAMED_TOKENIZERS = ("gpt2", "char", "byte", "bpe")
+# Text pieces handed to the BPE trainer: it holds 256 of them at a time, with their pre-tokens.
+TRAIN_PIECE_CHARS = 1 << 14
+# Rows of a Parquet file turned into Python strings at a time (pyarrow reads a row group, then slices it).
+PARQUET_BATCH_ROWS = 1024
 
 
 @dataclass
@@ -53,21 +68,27 @@ class Source:
 
     spec: str
     files: list[Path]
-    jsonl: bool = False
     sha256: str = ""
+
+
+def file_kind(path: Path) -> str:
+    """How a file is read: `jsonl` (a document per line), `parquet` (a document per row) or `text`."""
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
 @dataclass
 class PrepareOptions:
     sources: list[str] = field(default_factory=list)
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # a name (gpt2, char, byte, bpe) or a Hugging Face tokenizer.json
+    vocab_size: int | None = None  # for bpe
+    tokenizer_from: str | None = None  # a dataset folder whose tokenizer to reuse
     out: str | None = None
     val: str | None = None
     val_fraction: float = 0.1
     workers: int = os.cpu_count() or 1
     shard_size: int = DEFAULT_SHARD_TOKENS
     extensions: list[str] = field(default_factory=lambda: [".txt"])
-    jsonl_field: str = "text"
+    text_field: str = "text"  # of JSONL records and Parquet rows
     errors: str = "strict"
     overwrite: bool = False
     command: str = ""
@@ -86,7 +107,7 @@ def resolve_source(spec: str, extensions: list[str]) -> Source:
         return Source(spec, [Path("-")])
     path = Path(spec)
     if path.is_file():
-        return Source(spec, [path], jsonl=path.suffix == ".jsonl")
+        return Source(spec, [path])
     if path.is_dir():
         wanted = {e if e.startswith(".") else "." + e for e in extensions}
         files = sorted(p for p in path.rglob("*") if p.is_file() and ("*" in extensions or p.suffix in wanted))
@@ -147,6 +168,17 @@ def _last_safe_cut(text: str) -> int:
     return len(text) if len(text) > 8 * CHUNK_BYTES else 0
 
 
+def _small_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most about `size` characters, cut at safe line starts where there
+    are any (else anywhere: this feeds the BPE trainer, for which a rare cut word is no harm)."""
+    start = 0
+    while len(text) - start > size:
+        cut = _last_safe_cut(text[start:start + size]) or size
+        yield text[start:start + cut]
+        start += cut
+    yield text[start:]
+
+
 def _read_chunks(handle, start: int, end: int | None, hasher, progress: tqdm | None) -> Iterator[bytes]:
     handle.seek(start)
     remaining = math.inf if end is None else end - start
@@ -164,15 +196,18 @@ def _read_chunks(handle, start: int, end: int | None, hasher, progress: tqdm | N
 class Reader:
     """Reads a prepared list of sources document by document, tracking progress and hashes."""
 
-    def __init__(self, errors: str, jsonl_field: str, progress: tqdm | None):
-        self.errors, self.jsonl_field, self.progress = errors, jsonl_field, progress
+    def __init__(self, errors: str, text_field: str, progress: tqdm | None):
+        self.errors, self.text_field, self.progress = errors, text_field, progress
 
     def documents(self, source: Source) -> Iterator[Iterator[str]]:
         """Yield each document of `source` as an iterator over its text pieces."""
         hasher = hashlib.sha256()
         for path in source.files:
-            if source.jsonl:
+            kind = file_kind(path)
+            if kind == "jsonl":
                 yield from self._jsonl_documents(path, hasher)
+            elif kind == "parquet":
+                yield from self._parquet_documents(path, hasher)
             else:
                 with open(path, "rb") as handle:
                     yield self._pieces(handle, 0, None, hasher, str(path))
@@ -211,17 +246,64 @@ class Reader:
                     record = None
                 if not isinstance(record, dict):
                     raise GptError(f"{path}:{number}: not a JSON object; fix the line or remove it")
-                if self.jsonl_field not in record:
-                    raise GptError(f"{path}:{number}: no text field {self.jsonl_field!r}; "
-                                   "name the field with --jsonl-field")
-                text = record[self.jsonl_field]
+                if self.text_field not in record:
+                    raise GptError(f"{path}:{number}: no text field {self.text_field!r}; "
+                                   "name the field with --field")
+                text = record[self.text_field]
                 if not isinstance(text, str):
-                    raise GptError(f"{path}:{number}: field {self.jsonl_field!r} holds a {type(text).__name__}, "
+                    raise GptError(f"{path}:{number}: field {self.text_field!r} holds a {type(text).__name__}, "
                                    "not a string; fix the line or remove it")
                 yield iter([text])
 
+    def _parquet_documents(self, path: Path, hasher) -> Iterator[Iterator[str]]:
+        """One document per row of the text column. pyarrow reads one row group at a time (a
+        file's row groups are written to fit in memory), handed out in slices of rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with open(path, "rb") as handle:  # the sha256 of the file's bytes, as for any source
+            for raw in iter(lambda: handle.read(CHUNK_BYTES), b""):
+                hasher.update(raw)
+        try:
+            parquet = pq.ParquetFile(path)
+            column = parquet.schema_arrow.field(self.text_field) if self.text_field in parquet.schema_arrow.names \
+                else None
+        except (pa.ArrowException, OSError) as exc:
+            raise GptError(f"{path} is not a readable Parquet file ({_first_line(exc)}); check the file") from None
+        if column is None:
+            names = ", ".join(parquet.schema_arrow.names)
+            raise GptError(f"{path} has no column {self.text_field!r} (it has {names}); "
+                           "name the text column with --field")
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise GptError(f"{path}: column {self.text_field!r} holds {column.type}, not text; "
+                           "name the text column with --field")
+        size, rows, row = path.stat().st_size, max(1, parquet.metadata.num_rows), 0
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_field])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise GptError(f"{path}: cannot read rows after row {row} ({_first_line(exc)}); the file is "
+                               "damaged") from None
+            if batch is None:
+                return
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is None:
+                    raise GptError(f"{path}: row {row} has no text (null in column {self.text_field!r}); "
+                                   "drop or fill that row")
+                yield iter([text])
+            if self.progress is not None:
+                self.progress.update(size * row // rows - size * (row - batch.num_rows) // rows)
+
     def _pieces(self, handle, start: int, end: int | None, hasher, label: str) -> Iterator[str]:
         return _decoded_pieces(_read_chunks(handle, start, end, hasher, self.progress), label, self.errors, start)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A library's message, cut to one line for ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _spool_stdin(folder: Path) -> Path:
@@ -290,14 +372,13 @@ def _char_vocab(reader: Reader, sources: list[Source]) -> str:
 
 
 def _check_vocab(tokenizer: Tokenizer) -> None:
-    limit = np.iinfo(TOKEN_DTYPE).max + 1
-    if tokenizer.vocab_size > limit:
-        raise GptError(f"vocabulary of {tokenizer.vocab_size} tokens does not fit uint16 shards "
-                       f"(at most {limit}); use --tokenizer byte or gpt2 for this corpus")
+    if tokenizer.vocab_size > MAX_VOCAB:
+        raise GptError(f"vocabulary of {tokenizer.vocab_size:,} tokens does not fit uint16 shards "
+                       f"(ids below {MAX_VOCAB:,}); use --tokenizer byte, gpt2 or bpe for this corpus")
 
 
-def _make_progress(total: int | None) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+def _make_progress(total: int | None, desc: str = "prepare") -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 dynamic_ncols=True, file=sys.stderr, disable=None)
 
 
@@ -305,19 +386,20 @@ def _total_bytes(sources: list[Source]) -> int | None:
     return sum(p.stat().st_size for s in sources for p in s.files)
 
 
-def _write_splits(opts: PrepareOptions, reader: Reader, encoder: SplitEncoder, train_sources: list[Source],
-                  val_sources: list[Source], writers: dict[str, ShardWriter]) -> None:
+def _split_documents(opts: PrepareOptions, reader: Reader, train_sources: list[Source],
+                     val_sources: list[Source]) -> Iterator[tuple[str, Iterator[str]]]:
+    """Every document with the split it belongs to, in corpus order."""
     if val_sources:
         for split, sources in (("train", train_sources), ("val", val_sources)):
             for source in sources:
                 for document in reader.documents(source):
-                    encoder.document(writers[split], document)
+                    yield split, document
         return
-    single_text = len(train_sources) == 1 and len(train_sources[0].files) == 1 and not train_sources[0].jsonl
-    if single_text and opts.val_fraction > 0:
+    only = train_sources[0].files if len(train_sources) == 1 else []
+    if len(only) == 1 and file_kind(only[0]) == "text" and opts.val_fraction > 0:
         head, tail = reader.text_halves(train_sources[0], opts.val_fraction)
-        encoder.document(writers["train"], head)
-        encoder.document(writers["val"], tail)
+        yield "train", head
+        yield "val", tail
         return
     # Several documents: every document whose index crosses the next multiple of 1/fraction
     # goes to val (the first one included), so val holds about `fraction` of them.
@@ -325,7 +407,7 @@ def _write_splits(opts: PrepareOptions, reader: Reader, encoder: SplitEncoder, t
     for source in train_sources:
         for document in reader.documents(source):
             to_val = math.ceil((index + 1) * opts.val_fraction) > math.ceil(index * opts.val_fraction)
-            encoder.document(writers["val" if to_val else "train"], document)
+            yield ("val" if to_val else "train"), document
             index += 1
 
 
@@ -356,6 +438,42 @@ def check_dataset_out(out: Path, overwrite: bool) -> None:
                        "so give --out a new folder")
 
 
+def choose_tokenizer(opts: PrepareOptions, specs: list[str]) -> tuple[str, TokenizerSpec | None]:
+    """The tokenizer's kind and, unless it is made from the corpus (char, bpe), its spec: all
+    checked before anything is read or written."""
+    if opts.tokenizer_from is not None:
+        if opts.tokenizer is not None or opts.vocab_size is not None:
+            raise GptError("--tokenizer-from reuses a dataset's tokenizer; drop --tokenizer and --vocab-size")
+        spec = reused_tokenizer(opts.tokenizer_from)
+        return spec.name, spec
+    name = opts.tokenizer or (RECIPES[specs[0]][1] if specs[0] in RECIPES and not Path(specs[0]).exists() else "gpt2")
+    if name == "bpe":
+        if opts.vocab_size is None:
+            raise GptError("--tokenizer bpe needs --vocab-size N (a few thousand for a few MB of text, "
+                           "32,768 or more for gigabytes)")
+        check_bpe_vocab_size(opts.vocab_size)
+        return name, None
+    if opts.vocab_size is not None:
+        raise GptError("--vocab-size is the size of a BPE to train; give it with --tokenizer bpe")
+    if name in NAMED_TOKENIZERS:
+        return name, None if name == "char" else TokenizerSpec(name)
+    if not Path(name).exists():
+        raise GptError(f"--tokenizer must be {', '.join(NAMED_TOKENIZERS)} or a Hugging Face tokenizer.json file, "
+                       f"got {name!r}")
+    return "hf", read_hf_tokenizer(name)
+
+
+def reused_tokenizer(folder: str) -> TokenizerSpec:
+    """The tokenizer of a dataset folder, or of a run or checkpoint folder (its data's)."""
+    if not Path(folder).exists():
+        raise GptError(f"--tokenizer-from {folder}: not found; give a dataset, run or checkpoint folder")
+    if (Path(folder) / META_FILE).is_file():
+        return DatasetMeta.read(folder).tokenizer
+    from gpt.checkpoint import read_checkpoint
+
+    return read_checkpoint(folder).tokenizer_spec
+
+
 def prepare(opts: PrepareOptions) -> Path:
     """Run `gpt prepare`: returns the finished dataset folder."""
     if not 0 <= opts.val_fraction < 1:
@@ -367,9 +485,8 @@ def prepare(opts: PrepareOptions) -> Path:
     if opts.errors not in ("strict", "replace"):
         raise GptError(f"--errors must be strict or replace, got {opts.errors!r}")
     specs = opts.sources or ["shakespeare"]
-    tokenizer_name = opts.tokenizer or (RECIPES[specs[0]][1] if specs[0] in RECIPES and not Path(specs[0]).exists()
-                                        else "gpt2")
-    out = Path(opts.out) if opts.out else default_out_dir(specs, tokenizer_name)
+    kind, spec = choose_tokenizer(opts, specs)
+    out = Path(opts.out) if opts.out else default_out_dir(specs, kind)
     if specs.count("-") + (opts.val == "-") > 1:
         raise GptError("stdin ('-') can be read only once; name it as one source")
     check_dataset_out(out, opts.overwrite)
@@ -383,7 +500,7 @@ def prepare(opts: PrepareOptions) -> Path:
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         os.chmod(work, 0o755)  # mkdtemp makes it private; a dataset is an ordinary folder
         try:
-            _prepare_into(opts, train_sources, val_sources, tokenizer_name, out, work)
+            _prepare_into(opts, train_sources, val_sources, kind, spec, out, work)
             replace_folder(work, out)
         except OSError as exc:
             shutil.rmtree(work, ignore_errors=True)
@@ -396,25 +513,27 @@ def prepare(opts: PrepareOptions) -> Path:
 
 
 def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources: list[Source],
-                  tokenizer_name: str, out: Path, work: Path) -> None:
+                  kind: str, spec: TokenizerSpec | None, out: Path, work: Path) -> None:
     all_sources = train_sources + val_sources
     for source in all_sources:
         if source.spec == "-":
             source.files = [_spool_stdin(work)]
     # byte reads undecodable input losslessly; the others decode strictly unless told otherwise.
-    errors = "surrogateescape" if tokenizer_name == "byte" else opts.errors
-    if tokenizer_name == "char":
-        tokenizer = CharTokenizer(_char_vocab(Reader(errors, opts.jsonl_field, None), all_sources))
-    else:
-        tokenizer = make_tokenizer(tokenizer_name)
+    errors = "surrogateescape" if kind == "byte" else opts.errors
+    if kind == "char" and spec is None:
+        spec = CharTokenizer(_char_vocab(Reader(errors, opts.text_field, None), all_sources)).spec
+    elif kind == "bpe" and spec is None:
+        spec = _trained_bpe(opts, train_sources, val_sources, errors)
+    tokenizer = spec.build()
     _check_vocab(tokenizer)
 
     prefix = out.name
     writers = {split: ShardWriter(work, prefix, split, opts.shard_size) for split in ("train", "val")}
     with _make_progress(_total_bytes(all_sources)) as progress:
-        reader = Reader(errors, opts.jsonl_field, progress)
+        reader = Reader(errors, opts.text_field, progress)
         encoder = SplitEncoder(tokenizer, opts.workers, progress)
-        _write_splits(opts, reader, encoder, train_sources, val_sources, writers)
+        for split, document in _split_documents(opts, reader, train_sources, val_sources):
+            encoder.document(writers[split], document)
         encoder.flush()
     splits = {split: SplitInfo(tokens=w.total, shards=w.close(), bytes=encoder.text_bytes[split])
               for split, w in writers.items()}
@@ -430,5 +549,41 @@ def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources
     sources = [{"spec": s.spec, "files": len(s.files), "sha256": s.sha256,
                 "bytes": sum(p.stat().st_size for p in s.files)} for s in all_sources]
     (work / "stdin.txt").unlink(missing_ok=True)
-    DatasetMeta(tokenizer=tokenizer.spec, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot, splits=splits,
+    DatasetMeta(tokenizer=spec, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot, splits=splits,
                 sources=sources, created_by=opts.command).write(work)
+
+
+def _trained_bpe(opts: PrepareOptions, train_sources: list[Source], val_sources: list[Source],
+                 errors: str) -> TokenizerSpec:
+    """A BPE trained on the text of the train split, streamed to the trainer piece by piece
+    (the val split stays unseen, as for the model)."""
+    fed = 0
+    failure: list[BaseException] = []
+
+    def train_text(reader: Reader) -> Iterator[str]:
+        nonlocal fed
+        try:
+            for split, document in _split_documents(opts, reader, train_sources, val_sources):
+                for piece in document if split == "train" else ():
+                    fed += len(piece)
+                    yield from _small_pieces(piece, TRAIN_PIECE_CHARS)
+        except BaseException as exc:  # the trainer reports a failed iterator in its own words; keep ours
+            failure.append(exc)
+            raise
+
+    with _make_progress(_total_bytes(train_sources), "train bpe") as progress:
+        try:
+            file = train_bpe(train_text(Reader(errors, opts.text_field, progress)), opts.vocab_size)
+        except Exception:
+            if failure:
+                raise failure[0] from None
+            raise
+    if not fed:
+        raise GptError("the corpus is empty; give sources that contain text")
+    spec = TokenizerSpec("bpe", file=file)
+    size = spec.build().vocab_size
+    if size < opts.vocab_size:
+        print(f"note: the corpus yields {size:,} tokens, not {opts.vocab_size:,} (no pair of tokens is left "
+              "to merge); train on more text for a larger vocabulary", file=sys.stderr)
+    return spec
+

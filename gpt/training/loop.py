@@ -38,6 +38,7 @@ from gpt.checkpoint import (
 from gpt.config import Config, TrainConfig, describe_changes, dump_yaml, to_dict
 from gpt.data.formats import RunFolder, RunState
 from gpt.data.shards import DeviceBatches
+from gpt.data.tokenizer import TokenizerSpec
 from gpt.device import autocast_for, maybe_compile, peak_flops, pick_device, pick_dtype, training_matmul_shapes
 from gpt.durable import FolderLock, replace_atomically
 from gpt.errors import GptError
@@ -219,7 +220,11 @@ def prepare_out_dir(run: RunFolder, resume: bool, overwrite: bool) -> None:
                 path.unlink()
 
 
-def check_resume_config(checkpoint: Checkpoint, config: Config) -> None:
+def check_resume_config(checkpoint: Checkpoint, config: Config, tokenizer: TokenizerSpec) -> None:
+    if checkpoint.tokenizer_spec != tokenizer:  # a BPE trained again has the same vocab_size but other ids
+        raise GptError(f"cannot resume {checkpoint.path}: "
+                       f"{checkpoint.tokenizer_spec.difference(tokenizer, 'the checkpoint', 'the data')}; "
+                       "resume on the data it was trained on")
     changed = shape_differences(checkpoint.config.model, config.model)
     if changed:
         fields = ", ".join(f"model.{name}" for name in changed)
@@ -385,7 +390,7 @@ def build_trainer(config: Config, *, resume: bool, overwrite: bool, dist: distri
         hold.enter_context(FolderLock(run.lock, f"train.out_dir {run.root}"))
         prepare_out_dir(run, resume, overwrite)
         if checkpoint is not None:
-            check_resume_config(checkpoint, config)
+            check_resume_config(checkpoint, config, objective.tokenizer)
     distributed.barrier(dist)
 
     torch.manual_seed(tc.seed)  # the same initial weights on every rank: FSDP shards them as they are
