@@ -139,10 +139,15 @@ def test_chat_fine_tuning_trains_resumes_bitwise_and_chats(cli, char_data, tmp_p
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
     code, out, err = cli("info", tmp_path / "sft")
     assert code == 0 and "chat model: template tokens <|end|>=" in out
-    code, out, err = cli("eval", tmp_path / "sft", "--chat", chat_files / "eval.jsonl", "--json")
+    details = tmp_path / "details.jsonl"
+    code, out, err = cli("eval", tmp_path / "sft", "--chat", chat_files / "eval.jsonl", "--json", "--details", details)
     assert code == 0, err
     result = json.loads(out)["chat"][0]
     assert result["items"] == 2 and set(result["skills"]) == {"say"}
+    rows = [json.loads(line) for line in details.read_text().splitlines()]  # each reply, scored as in the summary
+    assert [row["where"].rsplit(":", 1)[1] for row in rows] == ["1", "2"] and {row["skill"] for row in rows} == {"say"}
+    assert sum(row["correct"] for row in rows) / 2 == result["accuracy"]
+    assert all(row["correct"] == (row["reply"].strip() == row["answer"].strip()) for row in rows)
     monkeypatch.setattr("sys.stdin", io.StringIO("Say First\n\nSay All\n"))
     code, out, err = cli("chat", tmp_path / "sft", "--system", "Be", "--temperature", "0")
     assert code == 0, err

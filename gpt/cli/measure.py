@@ -39,7 +39,8 @@ def evaluate(
                                                "task's other items)."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
-    details: Optional[str] = typer.Option(None, help="Write per-item choice scores to this JSONL file."),
+    details: Optional[str] = typer.Option(None, help="Write per-item results (choice scores, chat replies) "
+                                   "to this JSONL file."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (as in training), float32, bfloat16 or float16 autocast."),
 ) -> None:
@@ -62,8 +63,8 @@ def evaluate(
     split = split or "val"
     if fewshot_file is not None and len(task) != 1:
         raise GptError("--fewshot-file holds the examples of one task; give exactly one --task with it")
-    if details is not None and not task:
-        raise GptError("--details writes per-item task scores; give a --task")
+    if details is not None and not task and not chat:
+        raise GptError("--details writes per-item results of --task and --chat files; give one")
     if batch_size < 1:
         raise GptError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -86,7 +87,7 @@ def evaluate(
             print(f"note: {t.cropped} of {len(t.scores)} items of {t.name} were cropped from the start to fit the "
                   f"model's context (block_size={model.config.block_size}){room}", file=sys.stderr)
     if details is not None:
-        write_details(details, tasks)
+        write_details(details, [*tasks, *chats])
     if as_json:
         print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split if lm else None,
                           "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks],

@@ -41,6 +41,10 @@ class ChatScore:
         reply, answer = self.reply.strip(), self.answer.strip()
         return reply == answer if match == "exact" else answer in reply
 
+    def to_json(self, match: str) -> dict[str, Any]:
+        return {"where": self.where, "skill": self.skill, "answer": self.answer, "reply": self.reply,
+                "correct": self.correct(match)}
+
 
 @dataclass
 class ChatResult:
@@ -59,6 +63,10 @@ class ChatResult:
             if score.skill is not None:
                 grouped[score.skill].append(score.correct(self.match))
         return {skill: float(np.mean(found)) for skill, found in sorted(grouped.items())}
+
+    def details(self) -> list[dict[str, Any]]:
+        """One object per item for `--details`: its reply and whether it counts."""
+        return [{"chat": self.name, "shots": self.shots, **score.to_json(self.match)} for score in self.scores]
 
     def to_json(self) -> dict[str, Any]:
         return {"chat": self.name, "items": len(self.scores), "shots": self.shots, "match": self.match,

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from gpt.evaluation.perplexity import Autocast, model_device, progress
 from gpt.model import evaluating
 from gpt.supervised import encode_text
 from gpt.tasks.items import ChoiceItem, read_choice_file
+
+if TYPE_CHECKING:
+    from gpt.evaluation.chat import ChatResult
 
 FEWSHOT_SEPARATOR = "\n\n"  # between solved examples and before the question, as in the GPT-3 paper
 
@@ -203,10 +206,15 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path
     return result
 
 
-def write_details(path: str | Path, tasks: list[TaskResult]) -> None:
-    """Per-item scores as JSONL, written atomically (never a half-written file)."""
-    lines = [json.dumps({"task": task.name, "shots": task.shots, **score.to_json()}) + "\n"
-             for task in tasks for score in task.scores]
+    def details(self) -> list[dict[str, Any]]:
+        """One object per item for `--details`: its choices' scores and the predictions."""
+        return [{"task": self.name, "shots": self.shots, **score.to_json()} for score in self.scores]
+
+
+def write_details(path: str | Path, results: list[TaskResult | ChatResult]) -> None:
+    """Per-item results of every task and chat file as JSONL, written atomically (never a
+    half-written file)."""
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for result in results for row in result.details()]
     try:
         replace_atomically(Path(path), "".join(lines))
     except OSError as exc:
