@@ -112,6 +112,10 @@ class TaskResult:
         return {"task": self.name, "items": len(self.scores), "shots": self.shots, "acc": self.acc,
                 "acc_norm": self.acc_norm, "chance": self.chance, "cropped": self.cropped}
 
+    def details(self) -> list[dict[str, Any]]:
+        """One object per item for `--details`: its choices' scores and the predictions."""
+        return [{"task": self.name, "shots": self.shots, **score.to_json()} for score in self.scores]
+
 
 def _read_encodable_task(path: str | Path, tokenizer: Tokenizer) -> list[ChoiceItem]:
     """The items of a task file, each checked to be encodable on its own: a character the
@@ -204,11 +208,6 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, path: str | Path
             line=item.line, label=item.label, logprobs=[next(logprobs) for _ in item.choices],
             text_bytes=[len(continuation(prompt, c).encode("utf-8")) for c in item.choices]))
     return result
-
-
-    def details(self) -> list[dict[str, Any]]:
-        """One object per item for `--details`: its choices' scores and the predictions."""
-        return [{"task": self.name, "shots": self.shots, **score.to_json()} for score in self.scores]
 
 
 def write_details(path: str | Path, results: list[TaskResult | ChatResult]) -> None:
