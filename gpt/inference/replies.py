@@ -196,6 +196,17 @@ class Reply:
                 ends[index] = rest[0]
         return texts, ends
 
+    def stream_error(self, index: int, reason: str) -> str | None:
+        """The error event that ends a stream when a choice ended in a fault or at shutdown (what
+        `raise_for_ends` does to a whole answer); None when it ended as it should."""
+        if reason == "error":
+            log.error("500 on a stream: decoding failed: %s", one_line(self.job.choices[index].sequence.error))
+            return json.dumps(ApiError(500, "the server failed while decoding", kind="server_error").body())
+        if reason == "cancelled":
+            return json.dumps(ApiError(503, "the server is shutting down; the request was cut",
+                                       kind="server_error").body())
+        return None
+
     async def chunks(self, body: Sampling, chat: bool) -> AsyncIterator[str]:
         """SSE data lines: the chunks as the text grows, an end chunk per choice, the usage
         (stream_options.include_usage), then [DONE]. A client that goes away stops this
@@ -244,14 +255,9 @@ class Reply:
                 for index, reason in ends.items():
                     self.job.choices[index].finish_reason = reason
                     pending -= 1
-                    if reason == "error":
-                        log.error("500 on a stream: decoding failed: %s",
-                                  one_line(self.job.choices[index].sequence.error))
-                        yield json.dumps(ApiError(500, "the server failed while decoding", kind="server_error").body())
-                        return
-                    if reason == "cancelled":
-                        yield json.dumps(ApiError(503, "the server is shutting down; the request was cut",
-                                                  kind="server_error").body())
+                    error = self.stream_error(index, reason)
+                    if error is not None:
+                        yield error
                         return
                     yield chunk(index, None, None, reason)
             if include_usage:

@@ -214,6 +214,13 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
     app.add_exception_handler(ApiError, lambda request, exc: exc.response())
     app.add_exception_handler(StarletteHTTPException, lambda request, exc: ApiError(
         exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response())
+    _add_info_routes(app, server)
+    _add_completion_routes(app, server)
+    return app
+
+
+def _add_info_routes(app: FastAPI, server: Server) -> None:
+    """The chat page, the health check and the model list."""
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -235,6 +242,11 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         server.authorize(request)
         server.check_model(name)
         return model_card(server)
+
+
+def _add_completion_routes(app: FastAPI, server: Server) -> None:
+    """/v1/completions and /v1/chat/completions: the body read and checked, `n` sequences queued
+    per prompt, the answer returned whole or streamed."""
 
     async def parsed(request: Request, schema: type[Sampling]) -> Any:
         server.authorize(request)
@@ -277,8 +289,6 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await answer(request, body, [ids], max_tokens, [*stops, *template_stops], logprobs, chat=True,
                             cropped=cropped)
-
-    return app
 
 
 def model_card(server: Server) -> dict:
