@@ -176,27 +176,12 @@ def nothing_to_train(tc: TrainConfig, state: TrainState) -> str:
 
 
 def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
+    """Step until the last step or a signal, logging, evaluating and saving at their intervals;
+    returns the exit code."""
     tc, main, state = tr.config.train, tr.dist.is_main, tr.state
     metrics = MetricsLog(tr.run, state.iter if resumed else None, tc.tensorboard) if main else None
     if main:
-        replace_atomically(tr.run.run_config, dump_yaml(tr.config))
-        if show_config:
-            print(dump_yaml(tr.config).rstrip())
-        else:
-            print(f"config: every setting in {tr.run.run_config} (--show-config prints them); set apart from the "
-                  f"defaults:\n{describe_changes(tr.config)}")
-        print(tr.objective.describe())
-        rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
-        print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
-              f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
-        if resumed and state.iter >= tc.max_iters:
-            print(nothing_to_train(tc, state))
-        elif note := schedule_note(tc):
-            print(note)
-        if tr.parallel != "none":
-            print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
-                  f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
-                  "tok/s below counts the whole job")
+        _announce(tr, resumed, show_config)
     mfu = _mfu(tr)
     progress = Progress(tc.max_iters, state.iter, enabled=main)
     window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
@@ -207,12 +192,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
         # the stop request is agreed between ranks before each step.
         while state.iter < end and not distributed.any_rank(stop.signum is not None, tr.dist, tr.device):
             lr = scheduled_lr(state.iter, tc, budget)
-            set_lr(tr.optimizer, lr)
-            batches = tr.batches.next()
-            loss = accumulate_gradients(tr.forward_model, batches, tr.autocast, tr.scaler)
-            grad_norm = optimizer_step(tr.trained, tr.optimizer, tr.scaler, tc.grad_clip)
-            # Positions the model ran (padding included), read from shapes: no wait for the device.
-            step_tokens = sum(batch[0].numel() for batch in batches) * tr.dist.world_size
+            batches, loss, grad_norm, step_tokens = _step(tr, lr)
             state.iter += 1
             state.tokens += step_tokens
             last = state.iter == end  # a budget plans again only before its last step, never onto this one
@@ -234,12 +214,7 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
                     end = budget.plan
                     tc = _follow_plan(tr, budget, progress, first)
             if state.iter % tc.eval_interval == 0 or last:
-                with _pausing(budget, "eval"):
-                    evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
-                    if state.record(evaluation) and tc.save_best:  # every rank: the evaluation agrees
-                        tr.check_finite(None)
-                        tr.save_best()
-                row.update(evaluation.row())
+                row.update(_evaluate(tr, budget))
             if row and main:
                 metrics.write({"iter": state.iter, "tokens": state.tokens, **row})
                 progress.report(state.iter, row)
@@ -253,15 +228,67 @@ def _loop(tr: Trainer, resumed: bool, show_config: bool = False) -> int:
             window_start += time.perf_counter() - paused  # speed counts training steps only
         stopped = state.iter < end
         if stopped:
-            tr.check_finite(None)
-            tr.save()
-            if main:
-                metrics.plot()  # a run stopped before its first evaluation has drawn nothing yet
-                print(f"stopped at iter {state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
+            _save_on_stop(tr, metrics)
         elif budget is not None and main:
             print(budget.summary(state.iter))
         progress.close()
         return stop.exit_code or (130 if stopped else 0)
+
+
+def _step(tr: Trainer, lr: float) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, int]:
+    """One optimizer step at `lr`: its micro-batches, the loss and gradient norm (device tensors,
+    not waited for) and the positions the model ran across ranks (padding included)."""
+    set_lr(tr.optimizer, lr)
+    batches = tr.batches.next()
+    loss = accumulate_gradients(tr.forward_model, batches, tr.autocast, tr.scaler)
+    grad_norm = optimizer_step(tr.trained, tr.optimizer, tr.scaler, tr.config.train.grad_clip)
+    # Read from shapes: no wait for the device.
+    return batches, loss, grad_norm, sum(batch[0].numel() for batch in batches) * tr.dist.world_size
+
+
+def _announce(tr: Trainer, resumed: bool, show_config: bool) -> None:
+    """Rank 0 saves the resolved config and says what matters before the first step: the
+    settings that differ from the defaults (all with `show_config`), the objective, the model
+    and the step's size, and what a resumed run at its end or a short schedule should change."""
+    tc, state = tr.config.train, tr.state
+    replace_atomically(tr.run.run_config, dump_yaml(tr.config))
+    if show_config:
+        print(dump_yaml(tr.config).rstrip())
+    else:
+        print(f"config: every setting in {tr.run.run_config} (--show-config prints them); set apart from the "
+              f"defaults:\n{describe_changes(tr.config)}")
+    print(tr.objective.describe())
+    rows = tc.batch_size * tc.grad_accum * tr.dist.world_size
+    print(f"model: {sum(p.numel() for p in tr.trained.parameters()):,} parameters | device {tr.device} | "
+          f"{rows:,} {tr.objective.unit} per step | starting at iter {state.iter}")
+    if resumed and state.iter >= tc.max_iters:
+        print(nothing_to_train(tc, state))
+    elif note := schedule_note(tc):
+        print(note)
+    if tr.parallel != "none":
+        print(f"parallel: {tr.parallel} over {tr.dist.world_size} processes | global batch = batch_size "
+              f"{tc.batch_size} x grad_accum {tc.grad_accum} x world_size {tr.dist.world_size} = {rows:,} | "
+              "tok/s below counts the whole job")
+
+
+def _evaluate(tr: Trainer, budget: budgeting.Budget | None) -> dict[str, float | None]:
+    """Evaluate (every rank), keep the result, and save best/ when it is the best so far; returns
+    the metrics row's evaluation columns."""
+    with _pausing(budget, "eval"):
+        evaluation = tr.objective.evaluate(_unwrap_ddp(tr.forward_model), tr.device, tr.autocast, tr.dist)
+        if tr.state.record(evaluation) and tr.config.train.save_best:  # every rank: the evaluation agrees
+            tr.check_finite(None)
+            tr.save_best()
+    return evaluation.row()
+
+
+def _save_on_stop(tr: Trainer, metrics: MetricsLog | None) -> None:
+    """A run stopped by a signal saves where it is (every rank), so that --resume goes on from there."""
+    tr.check_finite(None)
+    tr.save()
+    if tr.dist.is_main:
+        metrics.plot()  # a run stopped before its first evaluation has drawn nothing yet
+        print(f"stopped at iter {tr.state.iter}; continue with: gpt train --resume {tr.run.root}", file=sys.stderr)
 
 
 def _mfu(tr: Trainer) -> Mfu:
