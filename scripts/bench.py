@@ -44,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig, build_config
-from gpt.data.prepare import BUNDLED_DATA
 from gpt.data.shards import BatchSampler, DeviceBatches
+from gpt.data.sources import BUNDLED_DATA
 from gpt.data.tokenizer import gpt2_encoding
 from gpt.device import (
     autocast_for,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from speaker_task import speaker_task  # scripts/ is on the path when this file runs
 
 from gpt.checkpoint import read_checkpoint
-from gpt.data.prepare import recipe_path
+from gpt.data.sources import recipe_path
 
 CONFIG = "configs/finetune_speaker.yaml"
 WORD = re.compile(r"[a-z']+")

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt.data.prepare import BUNDLED_DATA
+from gpt.data.sources import BUNDLED_DATA
 from gpt.data.tokenizer import GPT2Tokenizer, HFTokenizer, gpt2_encoding, train_bpe
 
 SHAKESPEARE = BUNDLED_DATA / "tinyshakespeare.txt"

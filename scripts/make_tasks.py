@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.data.prepare import Reader, Source
+from gpt.data.sources import Reader, Source
 from gpt.errors import GptError
 
 

@@ -16,7 +16,7 @@ import collections
 import json
 from pathlib import Path
 
-from gpt.data.prepare import recipe_path
+from gpt.data.sources import recipe_path
 from gpt.durable import replace_atomically
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import gpt.data.prepare
+import gpt.data.sources
 from gpt.data.formats import HEADER_BYTES, SHARD_MAGIC, DatasetMeta
 from gpt.data.prepare import PrepareOptions, prepare
 from gpt.data.shards import BatchSampler, DeviceBatches, load_dataset, read_shard
@@ -46,7 +46,7 @@ def test_shards_are_written_byte_exactly(tmp_path):
 
 
 def test_chunked_reading_matches_whole_text_encoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpt.data.prepare, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(gpt.data.sources, "CHUNK_BYTES", 64)
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  indented line\n" * 30
     corpus = tmp_path / "a.txt"
     corpus.write_text(text)
@@ -55,7 +55,7 @@ def test_chunked_reading_matches_whole_text_encoding(tmp_path, monkeypatch):
 
 
 def test_one_and_two_workers_give_identical_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpt.data.prepare, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(gpt.data.sources, "CHUNK_BYTES", 256)
     corpus = tmp_path / "a.txt"
     corpus.write_text("The quick brown fox.\nJumps over the lazy dog!\n" * 400)
     one = run(tmp_path, [corpus], tokenizer="gpt2", workers=1, out=str(tmp_path / "one"))

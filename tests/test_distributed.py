@@ -28,9 +28,9 @@ from gpt.data.shards import BatchSampler
 from gpt.errors import GptError
 from gpt.model import GPT
 from gpt.training import distributed
-from gpt.training.loop import check_parallel
 from gpt.training.metrics import read_metrics
 from gpt.training.optim import make_optimizer
+from gpt.training.trainer import check_parallel
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

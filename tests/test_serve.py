@@ -27,8 +27,9 @@ from gpt.checkpoint import load_model, read_checkpoint
 from gpt.config import SampleConfig, build_config
 from gpt.data.tokenizer import ByteTokenizer
 from gpt.inference.engine import Token
+from gpt.inference.replies import Choice, Job, Outbox
 from gpt.inference.sample import CHAT_STOP, generate, reply, transcript
-from gpt.inference.serve import Choice, Job, Outbox, StoppableServer, create_app
+from gpt.inference.serve import StoppableServer, create_app
 from gpt.training.loop import train
 
 CONTEXT = 64

@@ -20,8 +20,9 @@ from gpt.tasks.framing import Example, collate, crop, encode_items, task_sampler
 from gpt.tasks.items import item_from_record, label_names, read_task_file
 from gpt.tasks.model import TaskHead, TaskModel
 from gpt.training import distributed
-from gpt.training.loop import build_trainer, train
+from gpt.training.loop import train
 from gpt.training.metrics import read_metrics
+from gpt.training.trainer import build_trainer
 
 # A char tokenizer over "abcdefgh": a=0 ... h=7, so start=8, delim=9, extract=10.
 CHARS = CharTokenizer("abcdefgh")

@@ -21,9 +21,11 @@ from gpt.data.tokenizer import TokenizerSpec
 from gpt.errors import GptError
 from gpt.model import GPT, evaluating
 from gpt.training import budget, distributed, objectives, optim
-from gpt.training.loop import TrainState, accumulate_gradients, build_trainer, decay_progress, lr_at, train
+from gpt.training.loop import accumulate_gradients, decay_progress, lr_at, train
 from gpt.training.metrics import Evaluation, Progress, read_metrics
 from gpt.training.optim import Fp32Muon, build_optimizer, make_optimizer, muon_class, orthogonalise_in_fp32, set_lr
+from gpt.training.state import TrainState
+from gpt.training.trainer import build_trainer
 
 
 def with_changes(config, *overrides):
@@ -533,8 +535,8 @@ def test_speed_columns_leave_out_evaluation_and_checkpoint_time(char_data, tmp_p
             return method(*args, **kwargs)
         return run
 
-    from gpt.training.loop import Trainer
     from gpt.training.objectives import LanguageModelling
+    from gpt.training.trainer import Trainer
     monkeypatch.setattr(LanguageModelling, "evaluate", slow(LanguageModelling.evaluate))
     monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
     train(tiny_config(char_data, tmp_path / "run", max_iters=12, log_interval=2, eval_interval=2, ckpt_interval=3))

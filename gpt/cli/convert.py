@@ -38,7 +38,8 @@ def convert_from_nanogpt(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
 ) -> None:
     """Import a nanoGPT checkpoint (GPT-2 BPE, or characters with --meta)."""
-    from gpt.convert import check_out_dir, read_nanogpt, save_imported
+    from gpt.convert import check_out_dir, save_imported
+    from gpt.nanogpt import read_nanogpt
 
     check_out_dir(Path(out_dir), overwrite)
     _report_import(save_imported(read_nanogpt(ckpt, meta), out_dir), ckpt, out_dir)

@@ -1,22 +1,17 @@
 """`gpt prepare`: text sources and recipes -> streaming tokenization -> shards + meta.json.
 
-The corpus is never held in memory: files are read in chunks of about a megabyte, cut at
-line starts (a boundary GPT-2's and GPT-4's pre-tokenizers never merge across, so tokens match
-encoding the whole text at once), tokenized in batches across threads and appended to shards.
-JSONL files give one document a line, Parquet files one a row, read one row group at a time.
-`--tokenizer bpe` first trains a BPE on the same stream of the train split's text. Output
-goes to a temporary folder renamed into place at the end, so a failure leaves nothing behind.
+The corpus is never held in memory: `gpt.data.sources` reads files in chunks cut at line starts
+(a boundary GPT-2's and GPT-4's pre-tokenizers never merge across, so tokens match encoding the
+whole text at once), JSONL files a document a line, Parquet files a document a row; the pieces
+are tokenized in batches across threads and appended to shards. `--tokenizer bpe` first trains
+a BPE on the same stream of the train split's text. Output goes to a temporary folder renamed
+into place at the end, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import codecs
-import glob
-import hashlib
-import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,8 +23,10 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+import gpt.data.sources
 from gpt.data.formats import META_FILE, DatasetMeta, SplitInfo
 from gpt.data.shards import ShardWriter
+from gpt.data.sources import RECIPES, Reader, Source, file_kind, resolve_source, small_pieces, spool_stdin
 from gpt.data.tokenizer import (
     MAX_VOCAB,
     CharTokenizer,
@@ -42,38 +39,13 @@ from gpt.data.tokenizer import (
 from gpt.durable import FolderLock, replace_folder
 from gpt.errors import GptError
 
-CHUNK_BYTES = 1 << 18
-# Text pieces (of about CHUNK_BYTES) encoded per worker thread in one batch: with many, the
-# threads finish a batch together instead of one waiting for another's last piece.
+# Text pieces (of about gpt.data.sources.CHUNK_BYTES) encoded per worker thread in one batch: with
+# many, the threads finish a batch together instead of one waiting for another's last piece.
 PIECES_PER_WORKER = 16
 DEFAULT_SHARD_TOKENS = 100_000_000
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
-# Recipes: a bundled corpus and the tokenizer it is usually prepared with.
-RECIPES = {
-    "shakespeare": ("tinyshakespeare.txt", "gpt2"),
-    "shakespeare_char": ("tinyshakespeare.txt", "char"),
-}
-# A line start whose first character is not whitespace: a safe place to cut the text.
-SAFE_CUT = re.compile(r"\n(?=\S)")
 NAMED_TOKENIZERS = ("gpt2", "char", "byte", "bpe")
 # Text pieces handed to the BPE trainer: it holds 256 of them at a time, with their pre-tokens.
 TRAIN_PIECE_CHARS = 1 << 14
-# Rows of a Parquet file turned into Python strings at a time (pyarrow reads a row group, then slices it).
-PARQUET_BATCH_ROWS = 1024
-
-
-@dataclass
-class Source:
-    """One input as named on the command line, expanded to its documents."""
-
-    spec: str
-    files: list[Path]
-    sha256: str = ""
-
-
-def file_kind(path: Path) -> str:
-    """How a file is read: `jsonl` (a document per line), `parquet` (a document per row) or `text`."""
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
 @dataclass
@@ -94,224 +66,10 @@ class PrepareOptions:
     command: str = ""
 
 
-def recipe_path(name: str) -> Path:
-    path = BUNDLED_DATA / RECIPES[name][0]
-    if not path.is_file():
-        raise GptError(f"the bundled corpus {path} is missing; pass a text file to `gpt prepare` instead")
-    return path
-
-
-def resolve_source(spec: str, extensions: list[str]) -> Source:
-    """Expand a command-line source (file, folder, glob, recipe or '-') to its files."""
-    if spec == "-":
-        return Source(spec, [Path("-")])
-    path = Path(spec)
-    if path.is_file():
-        return Source(spec, [path])
-    if path.is_dir():
-        wanted = {e if e.startswith(".") else "." + e for e in extensions}
-        files = sorted(p for p in path.rglob("*") if p.is_file() and ("*" in extensions or p.suffix in wanted))
-        if not files:
-            raise GptError(f"folder {spec} has no files ending in {', '.join(sorted(wanted))}; "
-                           "pick other endings with --ext")
-        return Source(spec, files)
-    if any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not files:
-            raise GptError(f"no files match {spec!r}; check the pattern (quote it so the shell leaves it alone)")
-        return Source(spec, files)
-    if spec in RECIPES:
-        return Source(spec, [recipe_path(spec)])
-    raise GptError(f"source not found: {spec}; give a file, a folder, a glob, '-' or a recipe "
-                   f"({', '.join(RECIPES)})")
-
-
 def default_out_dir(sources: list[str], tokenizer: str) -> Path:
     first = sources[0] if sources else "shakespeare"
     name = "stdin" if first == "-" else Path(first.split("*")[0].rstrip("/") or "data").stem or "data"
     return Path("data") / (name if name.endswith("_" + tokenizer) else f"{name}_{tokenizer}")
-
-
-def _decoded_pieces(raw_chunks: Iterator[bytes], label: str, errors: str, offset: int) -> Iterator[str]:
-    """Decode UTF-8 chunks (the first one at byte `offset` of the file) and re-cut the text
-    at safe line starts."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    pending = ""
-    for raw in raw_chunks:
-        try:
-            pending += decoder.decode(raw)
-        except UnicodeDecodeError as exc:
-            raise GptError(f"{label}: invalid UTF-8 at byte offset {offset + exc.start}; "
-                           "fix the file or pass --errors replace") from None
-        offset += len(raw)
-        cut = _last_safe_cut(pending)
-        if cut:
-            yield pending[:cut]
-            pending = pending[cut:]
-    try:
-        pending += decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise GptError(f"{label}: invalid UTF-8 at byte offset {offset - 1} (truncated character at the end); "
-                       "fix the file or pass --errors replace") from None
-    if pending:
-        yield pending
-
-
-def _last_safe_cut(text: str) -> int:
-    """Index just after the last newline followed by a non-space, or 0 if there is none.
-    Text with no line breaks at all is cut anyway once it grows large, to bound memory."""
-    pos = text.rfind("\n", 0, len(text) - 1)
-    while pos >= 0 and text[pos + 1].isspace():
-        pos = text.rfind("\n", 0, pos)
-    if pos >= 0:
-        return pos + 1
-    return len(text) if len(text) > 8 * CHUNK_BYTES else 0
-
-
-def _small_pieces(text: str, size: int) -> Iterator[str]:
-    """`text` in pieces of at most about `size` characters, cut at safe line starts where there
-    are any (else anywhere: this feeds the BPE trainer, for which a rare cut word is no harm)."""
-    start = 0
-    while len(text) - start > size:
-        cut = _last_safe_cut(text[start:start + size]) or size
-        yield text[start:start + cut]
-        start += cut
-    yield text[start:]
-
-
-def _read_chunks(handle, start: int, end: int | None, hasher, progress: tqdm | None) -> Iterator[bytes]:
-    handle.seek(start)
-    remaining = math.inf if end is None else end - start
-    while remaining > 0:
-        raw = handle.read(int(min(CHUNK_BYTES, remaining)))
-        if not raw:
-            return
-        hasher.update(raw)
-        if progress is not None:
-            progress.update(len(raw))
-        remaining -= len(raw)
-        yield raw
-
-
-class Reader:
-    """Reads a prepared list of sources document by document, tracking progress and hashes."""
-
-    def __init__(self, errors: str, text_field: str, progress: tqdm | None):
-        self.errors, self.text_field, self.progress = errors, text_field, progress
-
-    def documents(self, source: Source) -> Iterator[Iterator[str]]:
-        """Yield each document of `source` as an iterator over its text pieces."""
-        hasher = hashlib.sha256()
-        for path in source.files:
-            kind = file_kind(path)
-            if kind == "jsonl":
-                yield from self._jsonl_documents(path, hasher)
-            elif kind == "parquet":
-                yield from self._parquet_documents(path, hasher)
-            else:
-                with open(path, "rb") as handle:
-                    yield self._pieces(handle, 0, None, hasher, str(path))
-        source.sha256 = hasher.hexdigest()
-
-    def text_halves(self, source: Source, fraction: float) -> tuple[Iterator[str], Iterator[str]]:
-        """A single text file split into a head (train) and a contiguous tail (val), cut at a
-        line start near `1 - fraction` of its bytes."""
-        path = source.files[0]
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            handle.seek(int(size * (1 - fraction)))
-            handle.readline()  # move to the next line start
-            split = handle.tell()
-        hasher = hashlib.sha256()
-
-        def part(start: int, end: int | None) -> Iterator[str]:
-            with open(path, "rb") as handle:
-                yield from self._pieces(handle, start, end, hasher, str(path))
-            if end is None:
-                source.sha256 = hasher.hexdigest()
-
-        return part(0, split), part(split, None)
-
-    def _jsonl_documents(self, path: Path, hasher) -> Iterator[Iterator[str]]:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                hasher.update(raw)
-                if self.progress is not None:
-                    self.progress.update(len(raw))
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    record = None
-                if not isinstance(record, dict):
-                    raise GptError(f"{path}:{number}: not a JSON object; fix the line or remove it")
-                if self.text_field not in record:
-                    raise GptError(f"{path}:{number}: no text field {self.text_field!r}; "
-                                   "name the field with --field")
-                text = record[self.text_field]
-                if not isinstance(text, str):
-                    raise GptError(f"{path}:{number}: field {self.text_field!r} holds a {type(text).__name__}, "
-                                   "not a string; fix the line or remove it")
-                yield iter([text])
-
-    def _parquet_documents(self, path: Path, hasher) -> Iterator[Iterator[str]]:
-        """One document per row of the text column. pyarrow reads one row group at a time (a
-        file's row groups are written to fit in memory), handed out in slices of rows."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        with open(path, "rb") as handle:  # the sha256 of the file's bytes, as for any source
-            for raw in iter(lambda: handle.read(CHUNK_BYTES), b""):
-                hasher.update(raw)
-        try:
-            parquet = pq.ParquetFile(path)
-            column = parquet.schema_arrow.field(self.text_field) if self.text_field in parquet.schema_arrow.names \
-                else None
-        except (pa.ArrowException, OSError) as exc:
-            raise GptError(f"{path} is not a readable Parquet file ({_first_line(exc)}); check the file") from None
-        if column is None:
-            names = ", ".join(parquet.schema_arrow.names)
-            raise GptError(f"{path} has no column {self.text_field!r} (it has {names}); "
-                           "name the text column with --field")
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise GptError(f"{path}: column {self.text_field!r} holds {column.type}, not text; "
-                           "name the text column with --field")
-        size, rows, row = path.stat().st_size, max(1, parquet.metadata.num_rows), 0
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_field])
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as exc:
-                raise GptError(f"{path}: cannot read rows after row {row} ({_first_line(exc)}); the file is "
-                               "damaged") from None
-            if batch is None:
-                return
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is None:
-                    raise GptError(f"{path}: row {row} has no text (null in column {self.text_field!r}); "
-                                   "drop or fill that row")
-                yield iter([text])
-            if self.progress is not None:
-                self.progress.update(size * row // rows - size * (row - batch.num_rows) // rows)
-
-    def _pieces(self, handle, start: int, end: int | None, hasher, label: str) -> Iterator[str]:
-        return _decoded_pieces(_read_chunks(handle, start, end, hasher, self.progress), label, self.errors, start)
-
-
-def _first_line(exc: BaseException) -> str:
-    """A library's message, cut to one line for ours."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
-
-
-def _spool_stdin(folder: Path) -> Path:
-    """Copy stdin to a file so that it can be read twice and split by size like any file."""
-    path = folder / "stdin.txt"
-    with open(path, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out, CHUNK_BYTES)
-    return path
 
 
 class SplitEncoder:
@@ -337,7 +95,7 @@ class SplitEncoder:
         for piece in pieces:
             self.batch.append(piece)
             self.batch_chars += len(piece)
-            if self.batch_chars >= PIECES_PER_WORKER * self.workers * CHUNK_BYTES:
+            if self.batch_chars >= PIECES_PER_WORKER * self.workers * gpt.data.sources.CHUNK_BYTES:
                 self.flush()
 
     def flush(self) -> None:
@@ -517,7 +275,7 @@ def _prepare_into(opts: PrepareOptions, train_sources: list[Source], val_sources
     all_sources = train_sources + val_sources
     for source in all_sources:
         if source.spec == "-":
-            source.files = [_spool_stdin(work)]
+            source.files = [spool_stdin(work)]
     # byte reads undecodable input losslessly; the others decode strictly unless told otherwise.
     errors = "surrogateescape" if kind == "byte" else opts.errors
     if kind == "char" and spec is None:
@@ -566,7 +324,7 @@ def _trained_bpe(opts: PrepareOptions, train_sources: list[Source], val_sources:
             for split, document in _split_documents(opts, reader, train_sources, val_sources):
                 for piece in document if split == "train" else ():
                     fed += len(piece)
-                    yield from _small_pieces(piece, TRAIN_PIECE_CHARS)
+                    yield from small_pieces(piece, TRAIN_PIECE_CHARS)
         except BaseException as exc:  # the trainer reports a failed iterator in its own words; keep ours
             failure.append(exc)
             raise

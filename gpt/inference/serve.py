@@ -2,9 +2,9 @@
 a chat page at `/`. FastAPI and uvicorn answer requests on the event loop; the `Engine` decodes
 on a thread of its own, every running request in one batch.
 
-Each request becomes one `Choice` per prompt and `n`: its tokens arrive on the engine's thread,
-which grows the text (stop strings, whole characters: `GrowingText`, `Streamer`, as `gpt sample`)
-and posts what can be shown to the request's coroutine.
+Here: the app, its routes and the `Server` they share, and running it. A request's body is read
+and checked by `gpt.inference.api` (OpenAI's request shapes and errors); it becomes one `Choice`
+per prompt and `n`, and its answer is shaped, whole or streamed, by `gpt.inference.replies`.
 
 A prompt longer than the context allows (it needs room for `max_tokens`) keeps its end, as
 `gpt sample` and `gpt chat` crop it; the response says how many tokens were cropped in a
@@ -16,21 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
-import logging
 import signal
 import socket
 import threading
-import time
-import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,78 +34,22 @@ from gpt.chat import ChatTemplate
 from gpt.checkpoint import Checkpoint
 from gpt.data.tokenizer import Tokenizer
 from gpt.errors import GptError
-from gpt.inference.engine import Engine, QueueFull, Sequence, Token
-from gpt.inference.sample import CHAT_STOP, GrowingText, Streamer, prompt_ids, reply_prompt, transcript
+from gpt.inference.api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    OneLineErrors,
+    Sampling,
+    one_line,
+    read_json,
+)
+from gpt.inference.engine import Engine, QueueFull
+from gpt.inference.replies import Choice, Job, Outbox, Reply
+from gpt.inference.sample import CHAT_STOP, prompt_ids, reply_prompt, transcript
 from gpt.model import GPT
 
-log = logging.getLogger("gpt.serve")
-
-MAX_BODY_BYTES = 1 << 20  # a request body over this is refused with 413
-MAX_LOGPROBS = 5
-MAX_STOPS = 4
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-# ----------------------------------------------------------------------------- requests
-
-class Strict(BaseModel):
-    """Unknown fields are refused (400 naming them), and no value is coerced to another type."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class Sampling(Strict):
-    """The fields /v1/completions and /v1/chat/completions share."""
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, as OpenAI's clients send it; not used
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOPS or not all(stops):
-            raise ApiError(400, f"stop takes up to {MAX_STOPS} non-empty strings", "stop")
-        return stops
-
-
-class CompletionRequest(Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: str | None = None
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def conversation_prompt(template: ChatTemplate | None, tokenizer: Tokenizer, messages: list[Message], room: int
@@ -128,177 +67,6 @@ def conversation_prompt(template: ChatTemplate | None, tokenizer: Tokenizer, mes
         return ids, stops, 0
     whole = template.render(tokenizer, said, reply=True)[0] if template else prompt_ids(tokenizer, transcript(said))
     return ids, stops, len(whole) - len(ids)
-
-
-# ----------------------------------------------------------------------------- errors
-
-class ApiError(Exception):
-    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def validation_error(exc: ValidationError) -> ApiError:
-    """The first problem pydantic found, as a 400 naming the field (`messages[0].content`; the
-    member of a union that pydantic adds to the path, such as `str`, is left out)."""
-    error = exc.errors()[0]
-    fields = {name for schema in (CompletionRequest, ChatRequest, Message, TextPart, StreamOptions)
-              for name in schema.model_fields}
-    extra = error["type"] == "extra_forbidden"  # the last part is the unknown field's name
-    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for i, part in enumerate(error["loc"])
-                    if isinstance(part, int) or part in fields or (extra and i == len(error["loc"]) - 1)).lstrip(".")
-    if error["type"] == "extra_forbidden":
-        return ApiError(400, f"Unrecognized request argument supplied: {param}", param)
-    if error["type"] == "missing":
-        return ApiError(400, f"Missing required parameter: '{param}'", param)
-    if not param:
-        return ApiError(400, f"the request body must be a JSON object ({error['msg']})")
-    return ApiError(400, f"Invalid value for '{param}': {error['msg']}", param)
-
-
-async def read_json(request: Request, schema: type[Strict]) -> Any:
-    """The request's body as `schema`, read up to MAX_BODY_BYTES (413 past that)."""
-    declared = request.headers.get("content-length", "")
-    too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES:,} bytes", code="request_too_large")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_big
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line for the log: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-class OneLineErrors:
-    """ASGI middleware: a fault in the server answers 500 in OpenAI's shape (when the response
-    has not started) and logs one line, not a traceback; the server goes on."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        started = False
-
-        async def watched_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched_send)
-        except Exception as exc:
-            log.error("500 on %s %s: %s", scope.get("method"), scope.get("path"), one_line(exc))
-            if scope["type"] == "http" and not started:
-                error = ApiError(500, "the server failed on this request (its log names the fault)",
-                                 kind="server_error")
-                await error.response()(scope, receive, send)
-
-
-# ----------------------------------------------------------------------------- choices
-
-class Outbox:
-    """Events from the engine's thread to the requests' coroutines, handed over once per engine
-    step: one wake-up of the event loop per step, not one per token and request (each wake-up
-    makes the two threads trade the interpreter lock)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.pending: list[tuple[asyncio.Queue, tuple]] = []  # touched only on the engine's thread
-
-    def post(self, queue: asyncio.Queue, event: tuple) -> None:
-        self.pending.append((queue, event))
-
-    def flush(self) -> None:
-        """The engine's `after_step`."""
-        if self.pending:
-            batch, self.pending = self.pending, []
-            self.loop.call_soon_threadsafe(self._deliver, batch)
-
-    @staticmethod
-    def _deliver(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
-        for queue, event in batch:
-            queue.put_nowait(event)
-
-
-class Job:
-    """One request: its choices, and the queue their events reach its coroutine through."""
-
-    def __init__(self, outbox: Outbox):
-        self.outbox = outbox
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.choices: list[Choice] = []
-        self.prompt_tokens = 0  # of the prompts as run (cropped), each counted once whatever n
-
-    def post(self, *event: Any) -> None:
-        """From the engine's thread: an event for the request's coroutine (at the step's end)."""
-        self.outbox.post(self.events, event)
-
-    def sequences(self) -> list[Sequence]:
-        return [choice.sequence for choice in self.choices]
-
-
-class Choice:
-    """One sequence of a request and its text. Events posted: ("text", index, piece, tokens)
-    with the tokens whose text the piece completes, and ("end", index, reason). `settings`
-    are the Sequence's sampling fields."""
-
-    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], end_token: int | None,
-                 prompt: list[int], max_tokens: int, **settings: Any):
-        self.job, self.index = job, index
-        self.text = GrowingText(tokenizer, stops, end_token=end_token)
-        self.streamer = Streamer(self._show, stops)
-        self.scored: list[Token] = []  # parallel to text.tokens
-        self.shown_tokens = 0
-        self.finish_reason: str | None = None
-        self.sequence = Sequence(prompt, max_tokens, self.on_token, self.on_end, **settings)
-        job.choices.append(self)
-
-    def on_token(self, token: Token) -> bool:
-        before = len(self.text.tokens)
-        self.text.add(token.id)
-        if len(self.text.tokens) > before:
-            self.scored.append(token)
-        self.streamer.update(self.text.text)
-        return self.text.done
-
-    def on_end(self, reason: str) -> None:
-        if reason in ("stop", "length"):
-            self.text.finish()
-            self.streamer.finish(self.text.text)
-            reason = "stop" if self.text.stop_reason in ("eot", "end", "stop") else "length"
-        self.job.post("end", self.index, reason)
-
-    def _show(self, piece: str) -> None:
-        """Post `piece` with the tokens whose text now lies wholly in what was shown."""
-        shown = self.streamer.shown + len(piece)
-        first = self.shown_tokens
-        while self.shown_tokens < len(self.text.ends) and self.text.ends[self.shown_tokens] <= shown:
-            self.shown_tokens += 1
-        self.job.post("text", self.index, piece, self.scored[first:self.shown_tokens])
 
 
 # ----------------------------------------------------------------------------- the app
@@ -426,32 +194,6 @@ def raise_for_ends(job: Job) -> None:
         raise ApiError(503, "the server is shutting down; the request was cut", kind="server_error")
 
 
-def completion_logprobs(tokenizer: Tokenizer, tokens: list[Token], offset: int) -> dict:
-    """The legacy completions format: token texts, their logprobs, the top alternatives (the
-    chosen token always among them) and each token's offset in the text."""
-    texts, offsets, top = [], [], []
-    for token in tokens:
-        texts.append(tokenizer.decode([token.id]))
-        offsets.append(offset)
-        offset += len(texts[-1])
-        alternatives = {tokenizer.decode([i]): lp for i, lp in token.top}
-        alternatives.setdefault(texts[-1], token.logprob)
-        top.append(alternatives if token.logprob is not None else None)  # the first prompt token has none
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
-            "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer: Tokenizer, tokens: list[Token]) -> dict:
-    """The chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
-
-    def entry(token_id: int, logprob: float) -> dict:
-        return {"token": tokenizer.decode([token_id]), "logprob": logprob,
-                "bytes": list(tokenizer.decode_bytes([token_id]))}
-
-    return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                        for t in tokens]}
-
-
 def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64) -> FastAPI:
     """The FastAPI app; its lifespan runs the engine's thread."""
@@ -472,6 +214,13 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
     app.add_exception_handler(ApiError, lambda request, exc: exc.response())
     app.add_exception_handler(StarletteHTTPException, lambda request, exc: ApiError(
         exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response())
+    _add_info_routes(app, server)
+    _add_completion_routes(app, server)
+    return app
+
+
+def _add_info_routes(app: FastAPI, server: Server) -> None:
+    """The chat page, the health check and the model list."""
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -493,6 +242,11 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         server.authorize(request)
         server.check_model(name)
         return model_card(server)
+
+
+def _add_completion_routes(app: FastAPI, server: Server) -> None:
+    """/v1/completions and /v1/chat/completions: the body read and checked, `n` sequences queued
+    per prompt, the answer returned whole or streamed."""
 
     async def parsed(request: Request, schema: type[Sampling]) -> Any:
         server.authorize(request)
@@ -536,136 +290,10 @@ def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str |
         return await answer(request, body, [ids], max_tokens, [*stops, *template_stops], logprobs, chat=True,
                             cropped=cropped)
 
-    return app
-
 
 def model_card(server: Server) -> dict:
     return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "gpt",
             "max_model_len": server.context}
-
-
-class Reply:
-    """A request's answer in OpenAI's shapes: whole, or as a stream of chunks."""
-
-    def __init__(self, server: Server, job: Job, prefix: str, cropped: int):
-        self.server, self.job, self.cropped = server, job, cropped
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def head(self, kind: str) -> dict:
-        head = {"id": self.id, "object": kind, "created": self.created, "model": self.server.model_id}
-        if self.cropped:
-            head["truncated_prompt_tokens"] = self.cropped
-        return head
-
-    def usage(self) -> dict:
-        completion = sum(len(choice.text.tokens) for choice in self.job.choices)
-        return {"prompt_tokens": self.job.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.job.prompt_tokens + completion}
-
-    def echoed(self, choice: Choice) -> str:
-        return self.server.tokenizer.decode(choice.sequence.prompt)
-
-    def completion(self, body: CompletionRequest) -> dict:
-        choices = []
-        for choice in self.job.choices:
-            prefix = self.echoed(choice) if body.echo else ""
-            logprobs = None
-            if body.logprobs is not None:
-                tokens = choice.scored[:choice.shown_tokens]
-                if body.echo:
-                    tokens = [Token(choice.sequence.prompt[0]), *choice.sequence.prompt_tokens, *tokens]
-                logprobs = completion_logprobs(self.server.tokenizer, tokens, 0)
-            choices.append({"text": prefix + choice.text.text, "index": choice.index, "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason})
-        return {**self.head("text_completion"), "choices": choices, "usage": self.usage()}
-
-    def chat(self, body: ChatRequest) -> dict:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
-                    "logprobs": chat_logprobs(self.server.tokenizer, c.scored[:c.shown_tokens]) if body.logprobs
-                    else None, "finish_reason": c.finish_reason} for c in self.job.choices]
-        return {**self.head("chat.completion"), "choices": choices, "usage": self.usage()}
-
-    async def next_events(self) -> tuple[dict[int, tuple[str, list[Token]]], dict[int, str]]:
-        """The events posted since the last call (waiting for one): each choice's new text in
-        one piece, with its tokens, and the choices that ended. A stream that falls behind the
-        engine (a busy server, a slow client) so sends fewer, larger chunks."""
-        events = [await self.job.events.get()]
-        while not self.job.events.empty():
-            events.append(self.job.events.get_nowait())
-        texts: dict[int, tuple[str, list[Token]]] = {}
-        ends: dict[int, str] = {}
-        for kind, index, *rest in events:
-            if kind == "text":
-                text, tokens = texts.get(index, ("", []))
-                texts[index] = (text + rest[0], tokens + rest[1])
-            else:
-                ends[index] = rest[0]
-        return texts, ends
-
-    async def chunks(self, body: Sampling, chat: bool) -> AsyncIterator[str]:
-        """SSE data lines: the chunks as the text grows, an end chunk per choice, the usage
-        (stream_options.include_usage), then [DONE]. A client that goes away stops this
-        generator, and the finally frees its rows at the engine's next step."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        extra = {"usage": None} if include_usage else {}
-        first = True
-        tokenizer = self.server.tokenizer
-
-        def chunk(index: int, text: str | None, tokens: list[Token] | None, finish: str | None) -> str:
-            nonlocal first
-            head = self.head(kind) if first else {k: v for k, v in self.head(kind).items()
-                                                  if k != "truncated_prompt_tokens"}
-            first = False
-            if chat:
-                delta = {} if text is None else {"content": text}
-                logprobs = chat_logprobs(tokenizer, tokens) if tokens is not None and body.logprobs else None
-                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                logprobs = None
-                if tokens is not None and body.logprobs is not None:
-                    logprobs = completion_logprobs(tokenizer, tokens, offsets[index])
-                    offsets[index] += len(text or "")
-                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-            return json.dumps({**head, "choices": [choice], **extra}, ensure_ascii=False)
-
-        offsets = [0] * len(self.job.choices)
-        try:
-            for choice in self.job.choices:
-                if chat:
-                    yield json.dumps({**self.head(kind), "choices": [{"index": choice.index, "delta": {
-                        "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}], **extra})
-                    first = False
-                elif body.echo:
-                    prompt = self.echoed(choice)
-                    tokens = None
-                    if body.logprobs is not None:
-                        tokens = [Token(choice.sequence.prompt[0]), *choice.sequence.prompt_tokens]
-                    yield chunk(choice.index, prompt, tokens, None)
-            pending = len(self.job.choices)
-            while pending:
-                texts, ends = await self.next_events()
-                for index, (text, tokens) in texts.items():
-                    yield chunk(index, text, tokens, None)
-                for index, reason in ends.items():
-                    self.job.choices[index].finish_reason = reason
-                    pending -= 1
-                    if reason == "error":
-                        log.error("500 on a stream: decoding failed: %s",
-                                  one_line(self.job.choices[index].sequence.error))
-                        yield json.dumps(ApiError(500, "the server failed while decoding", kind="server_error").body())
-                        return
-                    if reason == "cancelled":
-                        yield json.dumps(ApiError(503, "the server is shutting down; the request was cut",
-                                                  kind="server_error").body())
-                        return
-                    yield chunk(index, None, None, reason)
-            if include_usage:
-                yield json.dumps({**self.head(kind), "choices": [], "usage": self.usage()})
-            yield "[DONE]"
-        finally:
-            self.server.engine.cancel(self.job.sequences())
 
 
 # ----------------------------------------------------------------------------- running it
