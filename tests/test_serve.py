@@ -184,6 +184,35 @@ def posted(job: Job) -> list[tuple]:
     return events
 
 
+def test_the_outbox_hands_over_at_most_every_interval_unless_urgent(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("gpt.inference.replies.time.monotonic", lambda: clock[0])
+    loop = asyncio.new_event_loop()
+    try:
+        outbox, queue = Outbox(loop), asyncio.Queue()
+
+        def delivered() -> list[tuple]:
+            loop.run_until_complete(asyncio.sleep(0))
+            return [queue.get_nowait() for _ in range(queue.qsize())]
+
+        outbox.post(queue, ("text", 0))
+        outbox.flush(urgent=True)  # a first token goes out at once
+        assert delivered() == [("text", 0)]
+        outbox.post(queue, ("text", 1))
+        clock[0] += outbox.interval / 2
+        outbox.flush(urgent=False)  # a step soon after: held, to go with the next ones
+        assert delivered() == []
+        outbox.post(queue, ("text", 2))
+        clock[0] += outbox.interval
+        outbox.flush(urgent=False)
+        assert delivered() == [("text", 1), ("text", 2)]  # in order, once the interval has passed
+        outbox.post(queue, ("end", 0))
+        outbox.flush(urgent=True)  # the batch ran empty: nothing may stay behind
+        assert delivered() == [("end", 0)]
+    finally:
+        loop.close()
+
+
 def test_a_choice_posts_whole_characters_with_the_tokens_that_make_them():
     job = Job(Outbox(asyncio.new_event_loop()))
     choice = Choice(job, 0, ByteTokenizer(), ["!?"], None, [1], 10)

@@ -62,13 +62,15 @@ class QueueFull(Exception):
 
 class Engine:
     """Runs sequences on `model` in batches of up to `max_batch`, with up to `max_queue` more
-    waiting; `run` loops on a thread of its own. `after_step` is called after each forward
-    pass (where a caller hands on what the callbacks gathered, once per pass rather than once
-    per token). `submit` and `cancel` may be called from any thread. `vocab_size` is the
-    tokenizer's: ids above it (appended special tokens) are never sampled."""
+    waiting; `run` loops on a thread of its own. `after_step(urgent)` is called after each
+    forward pass (where a caller hands on what the callbacks gathered, once per pass rather than
+    once per token); urgent after a prefill (first tokens) and when no sequence runs any more
+    (nothing later would carry what is pending). `submit` and `cancel` may be called from any
+    thread. `vocab_size` is the tokenizer's: ids above it (appended special tokens) are never
+    sampled."""
 
     def __init__(self, model: GPT, vocab_size: int, max_batch: int = 8, max_queue: int = 64,
-                 after_step: Callable[[], None] = lambda: None):
+                 after_step: Callable[[bool], None] = lambda urgent: None):
         self.model, self.vocab_size, self.after_step = model.eval(), vocab_size, after_step
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
@@ -124,7 +126,7 @@ class Engine:
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "cancelled")
         self.running, self.waiting = [], deque()
-        self.after_step()
+        self.after_step(True)
 
     def step(self) -> None:
         """Let waiting sequences into free rows (one prefill for all of them, again while more
@@ -134,11 +136,11 @@ class Engine:
         joining = self._admit()
         while joining:  # prefills first: requests that came during one join before the batch decodes
             self._guarded(joining, functools.partial(self._prefill, joining))
-            self.after_step()  # the first tokens go out now, not after the decoding pass too
+            self.after_step(True)  # the first tokens go out now, not after the decoding pass too
             joining = self._admit()
         if self.running:
             self._guarded(list(self.running), self._decode)
-        self.after_step()
+        self.after_step(not self.running)
 
     def _guarded(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
         try:

@@ -29,21 +29,31 @@ log = logging.getLogger("gpt.serve")
 # ----------------------------------------------------------------------------- choices
 
 class Outbox:
-    """Events from the engine's thread to the requests' coroutines, handed over once per engine
-    step: one wake-up of the event loop per step, not one per token and request (each wake-up
-    makes the two threads trade the interpreter lock)."""
+    """Events from the engine's thread to the requests' coroutines, handed over at most once per
+    engine step, and between steps at most every `interval` seconds unless urgent: each
+    hand-over wakes the event loop and makes the two threads trade the interpreter lock, and
+    each woken stream sends an HTTP chunk. A small model steps in about a millisecond; sending
+    every token of every stream on its own then costs more CPU than the model (BENCHMARKS.md),
+    while a reader cannot tell 50 updates a second from a thousand. A large model's steps are
+    longer than the interval, so each of its tokens still goes out at once."""
+
+    interval = 0.02
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.pending: list[tuple[asyncio.Queue, tuple]] = []  # touched only on the engine's thread
+        self.sent = 0.0  # time.monotonic() of the last hand-over
 
     def post(self, queue: asyncio.Queue, event: tuple) -> None:
         self.pending.append((queue, event))
 
-    def flush(self) -> None:
-        """The engine's `after_step`."""
-        if self.pending:
+    def flush(self, urgent: bool = True) -> None:
+        """The engine's `after_step`. Urgent: first tokens (time to first token), and whatever
+        is pending when the batch runs empty (no later step would send it)."""
+        now = time.monotonic()
+        if self.pending and (urgent or now - self.sent >= self.interval):
             batch, self.pending = self.pending, []
+            self.sent = now
             self.loop.call_soon_threadsafe(self._deliver, batch)
 
     @staticmethod

@@ -87,9 +87,9 @@ class Server:
         self.engine = Engine(model, drawable, max_batch, max_queue, after_step=self.flush)
         self.thread: threading.Thread | None = None
 
-    def flush(self) -> None:
+    def flush(self, urgent: bool) -> None:
         if self.outbox is not None:
-            self.outbox.flush()
+            self.outbox.flush(urgent)
 
     def authorize(self, request: Request) -> None:
         """Every /v1 request needs the key when the server has one (compared in constant time)."""
