@@ -32,10 +32,11 @@ class Outbox:
     """Events from the engine's thread to the requests' coroutines, handed over at most once per
     engine step, and between steps at most every `interval` seconds unless urgent: each
     hand-over wakes the event loop and makes the two threads trade the interpreter lock, and
-    each woken stream sends an HTTP chunk. A small model steps in about a millisecond; sending
-    every token of every stream on its own then costs more CPU than the model (BENCHMARKS.md),
-    while a reader cannot tell 50 updates a second from a thousand. A large model's steps are
-    longer than the interval, so each of its tokens still goes out at once."""
+    each woken stream sends an HTTP chunk. A small model steps in about a millisecond, so its
+    streams would otherwise send one chunk per token (BENCHMARKS.md: +7% for one client of the
+    CPU config on an idle host), while a reader cannot tell 50 updates a second from a thousand.
+    A large model's steps are longer than the interval, so each of its tokens still goes out at
+    once."""
 
     interval = 0.02
 
