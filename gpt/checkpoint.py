@@ -42,6 +42,7 @@ from gpt.data.formats import RunFolder, RunState
 from gpt.data.tokenizer import Tokenizer, TokenizerSpec
 from gpt.durable import link_atomically, replacing_folder, write_durably
 from gpt.errors import GptError
+from gpt.inference.weights import dequantize_linears, is_int8, load_int8
 from gpt.model import GPT
 from gpt.training import distributed
 
@@ -69,7 +70,7 @@ def _weights(model: GPT, head: torch.nn.Module | None, state: dict[str, torch.Te
     output matrix (safetensors stores no shared tensors), plus the task head's under HEAD_PREFIX."""
     state = dict(state) if state is not None else model.state_dict()
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     if head is not None:
         state.update({HEAD_PREFIX + k: v for k, v in head.state_dict().items()})
     return {k: v.detach().contiguous() for k, v in state.items()}
@@ -132,11 +133,12 @@ def save_checkpoint(run: RunFolder, model: GPT, config: Config, tokenizer: Token
     return final
 
 
-def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState) -> None:
+def save_model_folder(folder: Path, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
+                      weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write (or replace) a weights-only checkpoint folder, which `gpt sample`, `gpt info` and
-    `train.init_from` accept."""
+    `train.init_from` accept; `weights` (an int8 checkpoint's tensors) instead of the model's."""
     with replacing_folder(folder) as tmp:
-        _write_model_files(tmp, model, config, tokenizer, state)
+        _write_model_files(tmp, model, config, tokenizer, state, weights=weights)
 
 
 def save_best(run: RunFolder, model: GPT, config: Config, tokenizer: TokenizerSpec, state: RunState,
@@ -209,6 +211,7 @@ def assign_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], so
     """Load `weights` into `module` strictly. A module on the meta device gets the tensors
     assigned (no copy); a real one is copied into, so that an optimizer already holding its
     parameters keeps updating the same tensors."""
+    refuse_int8(weights, source)
     if isinstance(module, GPT) and module.config.tie_embeddings and "wte.weight" in weights:
         weights = {**weights, "lm_head.weight": weights["wte.weight"]}
     try:
@@ -218,6 +221,13 @@ def assign_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], so
         raise GptError(f"{source}: weights do not fit the model config ({first})") from None
     if isinstance(module, GPT):
         module.tie_weights()
+
+
+def refuse_int8(weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Training (init_from, --resume) and task heads need the weights an int8 checkpoint rounded away."""
+    if is_int8(weights):
+        raise GptError(f"{source} holds int8 weights (gpt convert quantize), which only the reading verbs take "
+                       "(sample, chat, eval, next, ...); train or classify from the checkpoint it was made from")
 
 
 def load_weights(model: GPT, folder: Path, head: torch.nn.Module | None = None) -> None:
@@ -231,12 +241,18 @@ def load_weights(model: GPT, folder: Path, head: torch.nn.Module | None = None) 
         assign_weights(head, head_weights, folder)
 
 
-def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> GPT:
-    """Build the checkpoint's model on the meta device (no allocation) and assign its weights."""
+def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", keep_int8: bool = False) -> GPT:
+    """Build the checkpoint's model on the meta device (no allocation) and assign its weights.
+    An int8 checkpoint's model keeps its `Int8Linear` layers with `keep_int8` (for
+    `gpt.inference.weights.prepare_weights`), else they are widened to fp32."""
     with torch.device("meta"):
         model = GPT(checkpoint.config.model)
-    load_weights(model, checkpoint.path)
-    return model.to(device)
+    weights, _ = split_head(read_weights(checkpoint.path))
+    if not is_int8(weights):
+        assign_weights(model, weights, checkpoint.path)
+        return model.to(device)
+    model = load_int8(model, weights, str(checkpoint.path))
+    return (model if keep_int8 else dequantize_linears(model)).to(device)
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:

@@ -212,6 +212,9 @@ class SampleConfig:
     seed: Optional[int] = option(None, "seed for reproducible samples; null is random")
     ignore_eot: bool = option(False, "keep generating past the end-of-text token")
     kv_cache: bool = option(True, "reuse past keys and values; false recomputes the whole context each step")
+    weights: Literal["auto", "fp32", "bf16", "int8"] = option(
+        "auto", "how sampling stores the weights: auto (int8 on CPUs with native bf16, bf16 on bf16 GPUs, else "
+        "fp32), fp32, bf16, or int8 (per-row scales, bf16 activations); an int8 checkpoint records int8")
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")

@@ -25,10 +25,12 @@ from tiktoken.load import load_tiktoken_bpe
 from gpt.chat import ChatTemplate
 from gpt.checkpoint import (
     WEIGHTS,
+    Checkpoint,
     assign_weights,
     load_model,
     read_checkpoint,
     read_weights,
+    refuse_int8,
     safe_torch_load,
     save_model_folder,
 )
@@ -47,6 +49,7 @@ from gpt.data.tokenizer import (
 )
 from gpt.durable import replacing_folder, write_durably
 from gpt.errors import GptError
+from gpt.inference.weights import int8_tensors, is_int8
 from gpt.model import GPT
 
 HF_PREFIX = "hf:"
@@ -275,8 +278,28 @@ def read_model_source(source: str) -> ImportedModel:
     if source.startswith(HF_PREFIX):
         return read_hf(source.removeprefix(HF_PREFIX))
     checkpoint = read_checkpoint(source)
-    return ImportedModel(checkpoint.config.model, checkpoint.tokenizer_spec, read_weights(checkpoint.path),
-                         checkpoint.state)
+    weights = read_weights(checkpoint.path)
+    refuse_int8(weights, checkpoint.path)  # before a run folder is touched
+    return ImportedModel(checkpoint.config.model, checkpoint.tokenizer_spec, weights, checkpoint.state)
+
+
+# ----------------------------------------------------------------------------- int8
+
+def quantize_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> Checkpoint:
+    """Write an int8 copy of a checkpoint (`gpt.inference.weights.int8_tensors`): the same
+    config with sample.weights=int8, tokenizer (its file included) and state, whose
+    converted_from names the source. Returns the source checkpoint."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    weights = read_weights(checkpoint.path)
+    if is_int8(weights):
+        raise GptError(f"{checkpoint.path} is already int8; quantize the fp32 checkpoint it was made from")
+    with torch.device("meta"):
+        model = GPT(checkpoint.config.model)
+    config = dataclasses.replace(checkpoint.config,
+                                 sample=dataclasses.replace(checkpoint.config.sample, weights="int8"))
+    state = dataclasses.replace(checkpoint.state, converted_from=str(checkpoint.path))
+    save_model_folder(Path(out_dir), model, config, checkpoint.tokenizer_spec, state, int8_tensors(weights, model))
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------- Hugging Face out

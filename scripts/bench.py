@@ -55,7 +55,8 @@ from gpt.device import (
     pick_dtype,
     training_matmul_shapes,
 )
-from gpt.inference.sample import decode, pack_for_cpu_decoding
+from gpt.inference.sample import decode
+from gpt.inference.weights import pack_for_cpu_decoding
 from gpt.model import GPT
 from gpt.training.loop import accumulate_gradients, optimizer_step
 from gpt.training.optim import make_optimizer

@@ -40,7 +40,8 @@ from bench import hf_twin, our_step, weight_bytes_per_step
 
 from gpt.config import build_config
 from gpt.device import autocast_for, peak_flops
-from gpt.inference.sample import decode, ready_for_decoding
+from gpt.inference.sample import decode
+from gpt.inference.weights import prepare_weights
 from gpt.model import GPT
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
@@ -151,7 +152,7 @@ def bench_sample(steps: int, bandwidth: float) -> list[dict[str, Any]]:
         hf = hf.to("cuda", torch.bfloat16)
     bf16_model = GPT(config).cuda().eval()
     bf16_model.load_state_dict(model.state_dict())
-    bf16_model = ready_for_decoding(bf16_model)  # as `gpt sample` runs it: bf16 weights
+    bf16_model, _ = prepare_weights(bf16_model, "auto")  # as `gpt sample` runs it: bf16 weights
     autocast = autocast_for(torch.device("cuda"), torch.bfloat16)
     prompt = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     greedy = lambda logits: logits.argmax(-1)  # noqa: E731
@@ -243,7 +244,7 @@ def profile_train(batch: int, vocab_size: int, compile_mode: str | None, steps: 
 def profile_sample(tokens: int = 64) -> str:
     """Kernels of `gpt sample`'s decoding at batch 1 (bf16 weights, CUDA graph replays), per token."""
     torch.manual_seed(0)
-    model = ready_for_decoding(GPT(build_config({"model": {"preset": "gpt2"}}).model).cuda().eval())
+    model, _ = prepare_weights(GPT(build_config({"model": {"preset": "gpt2"}}).model).cuda().eval(), "auto")
     prompt = torch.zeros(1, 1, dtype=torch.long, device="cuda")
 
     def run() -> None:

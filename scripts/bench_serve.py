@@ -35,8 +35,9 @@ from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig, build_config, load_config
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.device import pick_device
-from gpt.inference.sample import generate, ready_for_decoding
+from gpt.inference.sample import generate
 from gpt.inference.serve import StoppableServer, create_app
+from gpt.inference.weights import prepare_weights
 from gpt.model import GPT
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny Shakespeare's 65
@@ -55,7 +56,7 @@ def bench_model(name: str, tiny: bool, device: torch.device) -> tuple[GPT, Check
         config = build_config({"model": {"preset": "gpt2", **shrink}})
         spec = TokenizerSpec("gpt2")
     torch.manual_seed(0)
-    model = ready_for_decoding(GPT(config.model).to(device).eval())
+    model, _ = prepare_weights(GPT(config.model).to(device).eval(), "auto")  # as `gpt serve` runs it
     folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     return model, Checkpoint(path=folder, config=config, tokenizer_spec=spec, state={})
 

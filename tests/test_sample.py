@@ -8,17 +8,15 @@ from conftest import tiny_config
 from gpt.config import SampleConfig, build_config
 from gpt.data.tokenizer import ByteTokenizer, CharTokenizer
 from gpt.inference.sample import (
-    PackedLinear,
     chat_prompt,
     crop_to_context,
     decode,
     few_shot_prompt,
     filter_logits,
     generate,
-    pack_for_cpu_decoding,
     pick_tokens,
-    ready_for_decoding,
 )
+from gpt.inference.weights import PackedLinear, pack_for_cpu_decoding, prepare_weights
 from gpt.model import GPT
 from gpt.training.loop import train
 
@@ -286,7 +284,7 @@ def test_compiled_static_step_on_cuda_matches_the_eager_growing_cache():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sampling_stores_the_weights_in_bf16_and_replays_a_graph_per_token(monkeypatch):
-    model = ready_for_decoding(tiny("learned").cuda())
+    model, _ = prepare_weights(tiny("learned").cuda(), "auto")
     assert next(model.parameters()).dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     replays = []
     replay = torch.cuda.CUDAGraph.replay
@@ -315,6 +313,8 @@ def test_packed_linears_decode_the_tokens_of_the_plain_model():
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_only_fp32_cpu_models_are_packed():
-    model = tiny().to(torch.bfloat16)
-    assert not any(isinstance(m, PackedLinear) for m in pack_for_cpu_decoding(model).modules())
+def test_only_fp32_and_bf16_cpu_models_are_packed():
+    config = build_config({"model": {"preset": "tiny", "n_embd": 256, "n_head": 4, "vocab_size": 30}}).model
+    for dtype, packs in ((torch.float32, True), (torch.bfloat16, True), (torch.float16, False)):
+        model = GPT(config).to(dtype)
+        assert any(isinstance(m, PackedLinear) for m in pack_for_cpu_decoding(model).modules()) == packs

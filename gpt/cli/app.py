@@ -20,6 +20,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="Train and sample GPT-style language models: prepare -> train -> sample.")
 
 
+WEIGHTS_HELP = ("auto, fp32, bf16 or int8 (per-row scales, bf16 activations): how the weights are stored while "
+                "reading; auto: int8 on CPUs with native bf16, bf16 on bf16 GPUs, else fp32 (default: the "
+                "checkpoint's sample.weights).")
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"gpt {__version__}")
@@ -64,19 +69,30 @@ def read_text_option(path: str, option: str) -> str:
         raise GptError(f"{option} {path} is not UTF-8 text; save it as UTF-8") from None
 
 
-def load_for_sampling(path: str, device_name: str):
+def load_for_sampling(path: str, device_name: str, weights: Optional[str] = None, decoding: bool = True):
+    """A checkpoint's model with its weights stored as `weights` (auto, fp32, bf16, int8; None
+    takes the checkpoint's sample.weights), said in one line on stderr; its tokenizer; the
+    checkpoint. `decoding` packs matrices for one-token steps (`prepare_weights`)."""
     from gpt.checkpoint import load_model, read_checkpoint
     from gpt.device import pick_device
+    from gpt.inference.weights import check_choice, prepare_weights
 
+    if weights is not None:
+        check_choice(weights)
     ckpt = read_checkpoint(path)
-    model = load_model(ckpt, pick_device(device_name))
+    model = load_model(ckpt, pick_device(device_name), keep_int8=True)
+    model, description = prepare_weights(model, weights or ckpt.config.sample.weights, decoding)
+    print(description, file=sys.stderr)
     return model, ckpt.tokenizer, ckpt
 
 
 def load_for_inspection(path: str, device_name: str):
-    """A checkpoint's model in eval mode (no dropout), its tokenizer and the checkpoint."""
-    model, tokenizer, ckpt = load_for_sampling(path, device_name)
-    return model.eval(), tokenizer, ckpt
+    """A checkpoint's model in fp32 and eval mode (no dropout), its tokenizer and the checkpoint."""
+    from gpt.checkpoint import load_model, read_checkpoint
+    from gpt.device import pick_device
+
+    ckpt = read_checkpoint(path)
+    return load_model(ckpt, pick_device(device_name)).eval(), ckpt.tokenizer, ckpt
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import typer
 from gpt.cli.app import app
 
 convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                          help="Import and export weights: Hugging Face GPT-2 folders, nanoGPT checkpoints. Offline.")
+                          help="Import, export and quantize weights: Hugging Face GPT-2 folders, nanoGPT "
+                               "checkpoints, int8. Offline.")
 app.add_typer(convert_app, name="convert")
 
 
@@ -60,6 +61,24 @@ def convert_to_hf(
           f"transformers.GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
     if note := left_out_of_export(checkpoint):
         print(note, file=sys.stderr)
+
+
+@convert_app.command("quantize")
+def convert_quantize(
+    checkpoint: str = typer.Argument(..., help="Run folder (its newest checkpoint) or a checkpoint folder."),
+    out_dir: str = typer.Argument(..., help="Checkpoint folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it holds an earlier model."),
+) -> None:
+    """Write an int8 copy of a checkpoint (per-row scales beside each matrix): about a quarter of the
+    bytes, read by sample, chat, eval, next and the other reading verbs; not trainable."""
+    from gpt.checkpoint import WEIGHTS
+    from gpt.convert import check_out_dir, quantize_checkpoint
+
+    check_out_dir(Path(out_dir), overwrite)
+    source = quantize_checkpoint(checkpoint, out_dir)
+    before, after = (source.path / WEIGHTS).stat().st_size, (Path(out_dir) / WEIGHTS).stat().st_size
+    print(f"wrote {out_dir}: int8 weights, {after / 1e6:.1f} MB ({before / 1e6:.1f} MB in {source.path}); "
+          f"try: gpt sample {shlex.quote(str(out_dir))} --prompt 'Hello'")
 
 
 def _report_import(model, source: str, out_dir: str) -> None:

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 import typer
 
 from gpt.chat import ChatTemplate
-from gpt.cli.app import app, load_for_sampling, read_prompt, read_text_option, sample_settings
+from gpt.cli.app import WEIGHTS_HELP, app, load_for_sampling, read_prompt, read_text_option, sample_settings
 from gpt.config import SampleConfig
 from gpt.errors import GptError
 
@@ -35,9 +35,10 @@ def sample(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Recompute the whole context each step (slow; for checks)."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Generate text from a trained checkpoint (settings default to the run's sample section)."""
-    from gpt.inference.sample import few_shot_prompt, ready_for_decoding
+    from gpt.inference.sample import few_shot_prompt
 
     if interactive:
         given = {"--prompt": prompt is not None, "--prompt-file": prompt_file is not None,
@@ -46,8 +47,7 @@ def sample(
         if ignored:
             raise GptError(f"--interactive reads each turn from the terminal (or stdin) and replies once; "
                            f"drop {ignored[0]}")
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device)
-    model = ready_for_decoding(model)
+    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
     settings = sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
                                 stop=list(stop) if stop else None, ignore_eot=ignore_eot,
@@ -72,13 +72,11 @@ def chat(
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1]."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible replies."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Talk to a model: a chat model (fine-tuned with task.kind=chat) through its chat template, a
     base model through a plain-text transcript (prompt framing); the same as `gpt sample --interactive`."""
-    from gpt.inference.sample import ready_for_decoding
-
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device)
-    model = ready_for_decoding(model)
+    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
     settings = sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)
     _chat(model, tokenizer, settings, system, None, ChatTemplate.of(ckpt.config))

@@ -43,6 +43,8 @@ def evaluate(
                                    "to this JSONL file."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (as in training), float32, bfloat16 or float16 autocast."),
+    weights: str = typer.Option("auto", help="auto (= fp32: scoring many tokens at once is bound by arithmetic, "
+                                "not by reading weights), fp32, bf16 or int8 (per-row scales, bf16 activations)."),
 ) -> None:
     """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy, exact match of
     chat replies."""
@@ -69,7 +71,8 @@ def evaluate(
         raise GptError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise GptError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device)
+    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, "fp32" if weights == "auto" else weights,
+                                               decoding=False)
     model_device = next(model.parameters()).device
     autocast = autocast_for(model_device, pick_dtype(dtype, model_device))
     lm = None

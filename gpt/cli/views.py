@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from gpt.cli.app import app, load_for_inspection, read_prompt, sample_settings
+from gpt.cli.app import WEIGHTS_HELP, app, load_for_inspection, load_for_sampling, read_prompt, sample_settings
 from gpt.errors import GptError
 
 
@@ -34,13 +34,15 @@ def next_token(
     top_k: Optional[int] = typer.Option(None, help="Default: the checkpoint's sample.top_k."),
     top_p: Optional[float] = typer.Option(None, help="Default: the checkpoint's sample.top_p."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Next-token probabilities before and after temperature, top-k and top-p (as gpt sample draws)."""
     from gpt.inspection import filter_stages, format_next, next_token_logits
 
     if top < 1:
         raise GptError(f"--top must be at least 1, got {top}")
-    model, tokenizer, ckpt = load_for_inspection(checkpoint, device)
+    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
+    model.eval()
     cfg = sample_settings(ckpt.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, seen = next_token_logits(model, tokenizer, read_prompt(prompt, None))
     print(f"after {seen} prompt tokens; temperature {cfg.temperature:g}, top-k {cfg.top_k}, top-p {cfg.top_p:g}")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch import nn
 
 from gpt.chat import ChatTemplate, Message, fit_turns
 from gpt.config import SampleConfig
@@ -149,50 +148,6 @@ def decoding_autocast(device: torch.device) -> contextlib.AbstractContextManager
     fp32 elsewhere."""
     precision = pick_dtype("auto", device) if device.type == "cuda" else torch.float32
     return autocast_for(device, precision)()
-
-
-# A matrix smaller than this stays in nn.Linear: oneDNN's fixed cost per call outweighs what
-# its packed layout saves in reading (AVX2 host, batch 1: 0.26 MB 0.8x, 1.8 MB 1.2x, 7 MB 1.6x).
-PACK_MIN_WEIGHTS = 1 << 18
-
-
-class PackedLinear(nn.Module):
-    """An inference-only nn.Linear whose weight is stored in oneDNN's blocked layout, which
-    its CPU kernels read faster than MKL reads a row-major matrix: a one-token step reads
-    every weight once, so its speed is the speed of that read (BENCHMARKS.md, issue 14)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
-                             persistent=False)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def pack_for_cpu_decoding(model: GPT) -> GPT:
-    """Swap the large nn.Linear layers of an fp32 model on a CPU for `PackedLinear`, in place,
-    for sampling only (the model can no longer train or be saved whole). Elsewhere, or where
-    torch lacks oneDNN, the model is returned as it is."""
-    param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.numel() >= PACK_MIN_WEIGHTS:
-                setattr(module, name, PackedLinear(child))
-    return model
-
-
-def ready_for_decoding(model: GPT) -> GPT:
-    """The model as `gpt sample` and `gpt chat` run it, changed in place (sampling only): on a
-    GPU with bf16, the weights stored in bf16 (each token reads every weight once, so half the
-    bytes, and autocast has nothing left to cast each step); on a CPU, `pack_for_cpu_decoding`."""
-    device = next(model.parameters()).device
-    if device.type == "cuda" and pick_dtype("auto", device) == torch.bfloat16:
-        return model.to(torch.bfloat16)
-    return pack_for_cpu_decoding(model)
 
 
 @dataclass

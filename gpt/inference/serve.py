@@ -328,7 +328,7 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
     """Load the run's latest checkpoint and answer HTTP requests until SIGINT or SIGTERM."""
     from gpt.checkpoint import load_model, read_checkpoint
     from gpt.device import pick_device
-    from gpt.inference.sample import ready_for_decoding
+    from gpt.inference.weights import prepare_weights
 
     if max_batch < 1 or max_queue < 1:
         raise GptError("--max-batch and --max-queue must be at least 1")
@@ -340,7 +340,8 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
     except OSError as exc:
         raise GptError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
                        "pick another --port or --host") from None
-    model = ready_for_decoding(load_model(checkpoint, pick_device(device)))
+    model, _ = prepare_weights(load_model(checkpoint, pick_device(device), keep_int8=True),
+                               checkpoint.config.sample.weights)
     model_id = Path(run).resolve().name
     app = create_app(model, checkpoint, model_id, api_key or None,
                      max_batch, max_queue)

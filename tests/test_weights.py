@@ -1,0 +1,154 @@
+"""--weights fp32|bf16|int8 and int8 checkpoints (gpt.inference.weights, gpt convert quantize)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_yaml
+from safetensors.torch import load_file
+
+from gpt.checkpoint import load_model, load_weights, read_checkpoint, save_model_folder
+from gpt.config import build_config
+from gpt.data.tokenizer import TokenizerSpec
+from gpt.inference import weights as weights_module
+from gpt.inference.sample import decode
+from gpt.inference.weights import Int8Linear, PackedLinear, prepare_weights
+from gpt.model import GPT
+
+PROMPT = "The quick brown fox"
+
+
+def tiny_config(**model):
+    """Width 64, 4 heads: every matrix's inner size is a multiple of 16, as the int8 kernel needs."""
+    return build_config({"model": {"preset": "tiny", "n_embd": 64, "n_head": 4, "vocab_size": 257,
+                                   "block_size": 64, "bias": True, **model}, "sample": {"max_new_tokens": 8}})
+
+
+def tiny_model(**model) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_config(**model).model).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An fp32 checkpoint (byte tokenizer) and its int8 copy, written by `gpt convert quantize`."""
+    from gpt.cli import main
+
+    root = tmp_path_factory.mktemp("weights")
+    save_model_folder(root / "fp32", tiny_model(), tiny_config(), TokenizerSpec("byte"), {"iter": 3})
+    import sys
+    argv = sys.argv
+    sys.argv = ["gpt", "convert", "quantize", str(root / "fp32"), str(root / "int8")]
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = argv
+    assert done.value.code == 0
+    return root / "fp32", root / "int8"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_logits_stay_within_a_bound_of_fp32(tied):
+    """Per-row int8 rounds each weight by at most half a step (row max / 254); on a random
+    model the logits move by a few percent of their range at most, on both int8 paths: the
+    kernel (one row at a time) and the widened matrix (many rows)."""
+    model = tiny_model(tie_embeddings=tied)
+    int8, line = prepare_weights(copy.deepcopy(model), "int8")
+    assert line.startswith("weights: int8") and isinstance(int8.lm_head, Int8Linear)
+    assert int8.blocks[0].mlp.fc.weight.dtype == torch.int8
+    idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(idx)[0]
+        many_rows = int8(idx)[0].float()
+        one_row = int8.forward_step(idx[:, :1], None).float()
+    bound = 0.03 * reference.abs().max()
+    assert (many_rows - reference).abs().max() < bound
+    assert (one_row - reference[:, 0]).abs().max() < bound
+    assert (many_rows - reference).abs().max() > 0  # it did round
+
+
+def test_the_int8_kernel_and_the_widened_matrix_agree():
+    torch.manual_seed(0)
+    layer = Int8Linear.quantize(torch.nn.Linear(64, 48, bias=True)).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    kernel = layer(x).float()  # 3 rows: torch's _weight_int8pack_mm
+    widened = (x.float() @ layer.dequantized(torch.float32).t() + layer.bias.float())
+    torch.testing.assert_close(kernel, widened, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_takes_int8_on_a_cpu_with_native_bf16_and_packed_fp32_elsewhere(monkeypatch):
+    monkeypatch.setattr(weights_module, "cpu_has_native_bf16", lambda: True)
+    model, line = prepare_weights(tiny_model(n_embd=256), "auto")
+    assert isinstance(model.blocks[0].mlp.fc, Int8Linear) and "auto: a CPU with native bf16" in line
+    monkeypatch.setattr(weights_module, "cpu_has_native_bf16", lambda: False)
+    model, line = prepare_weights(tiny_model(n_embd=256), "auto")
+    assert isinstance(model.blocks[0].mlp.fc, PackedLinear) and model.wte.weight.dtype == torch.float32
+    assert line.startswith("weights: fp32")
+
+
+def test_bf16_weights_decode_from_a_bf16_cache():
+    model, _ = prepare_weights(tiny_model(), "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tokens = list(decode(model, torch.tensor([[1, 2, 3]]), 5, lambda logits: logits.argmax(-1)))
+    assert len(tokens) == 5
+
+
+def test_quantized_checkpoint_is_smaller_and_reads_back_as_the_in_memory_int8_model(checkpoints):
+    fp32, int8 = checkpoints
+    size = {path: (path / "model.safetensors").stat().st_size for path in checkpoints}
+    assert size[int8] < 0.4 * size[fp32]
+    tensors = load_file(str(int8 / "model.safetensors"))
+    assert tensors["blocks.0.attn.qkv.weight"].dtype == torch.int8
+    assert tensors["blocks.0.attn.qkv.weight_scale"].shape == (192,)
+    assert "lm_head.weight" not in tensors and tensors["wte.weight"].dtype == torch.int8  # tied: stored once
+    checkpoint = read_checkpoint(int8)
+    assert checkpoint.config.sample.weights == "int8" and checkpoint.state["quantized_from"] == str(fp32)
+    from_disk, _ = prepare_weights(load_model(checkpoint, keep_int8=True), "int8")
+    in_memory, _ = prepare_weights(load_model(read_checkpoint(fp32)), "int8")
+    idx = torch.randint(0, 257, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(from_disk(idx)[0], in_memory(idx)[0])
+    widened = load_model(checkpoint)  # readers that need nn.Linear get the rounded values in fp32
+    assert type(widened.lm_head) is torch.nn.Linear and widened.lm_head.weight is widened.wte.weight
+
+
+def test_every_reading_verb_takes_an_int8_checkpoint(cli, checkpoints, tmp_path, monkeypatch):
+    _, int8 = checkpoints
+    code, out, err = cli("sample", int8, "--prompt", PROMPT, "--temperature", "0", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 8 and err.startswith("weights: int8")
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 3, encoding="utf-8")
+    code, out, err = cli("eval", int8, "--data", text, "--weights", "int8", "--json")
+    assert code == 0 and json.loads(out)["lm"]["bits_per_byte"] > 0
+    assert cli("next", int8, PROMPT)[0] == 0
+    code, out, _ = cli("info", int8)
+    assert code == 0 and "iter 3" in out
+    assert cli("tokenize", "--checkpoint", int8, PROMPT)[0] == 0
+    assert cli("attention", int8, PROMPT, "-o", tmp_path / "a.png")[0] == 0
+    assert cli("embed", int8, "a", "--nearest", "3")[0] == 0
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))
+    code, out, _ = cli("chat", int8, "--max-new-tokens", "4", "--temperature", "0")
+    assert code == 0 and out.startswith("Assistant:")
+    code, _, err = cli("sample", int8, "--prompt", PROMPT, "--weights", "fp32")
+    assert code == 0 and err.startswith("weights: fp32")
+
+
+def test_training_or_classifying_from_an_int8_checkpoint_is_refused_in_one_line(cli, checkpoints, char_data,
+                                                                                 tmp_path):
+    _, int8 = checkpoints
+    code, _, err = cli("train", tiny_yaml(tmp_path, char_data), f"train.init_from={int8}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "int8 weights" in err
+    assert not (tmp_path / "run").exists()
+    with torch.device("meta"):
+        model = GPT(tiny_config().model)
+    with pytest.raises(Exception, match="int8 weights .* train or classify from the checkpoint"):
+        load_weights(model, int8)  # what --resume and gpt classify load through
+
+
+@pytest.mark.parametrize("verb", [["sample", "--prompt", "x"], ["eval", "--data", "README.md"], ["chat"],
+                                  ["next", "x"]])
+def test_a_bad_weights_value_is_one_line(cli, checkpoints, verb):
+    code, _, err = cli(verb[0], checkpoints[1], *verb[1:], "--weights", "int4")
+    assert code == 2 and err.strip() == "error: --weights must be one of auto, fp32, bf16, int8, got 'int4'"
