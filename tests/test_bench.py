@@ -90,3 +90,16 @@ def test_gpu_kernel_table_ranks_kernels_and_says_how_busy_the_gpu_was():
                                      "2.000 ms of wall time")
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert rows == ["| `gemm` | 75.0% | 10.0 | 750 |", "| `triton_fused` | 25.0% | 30.0 | 250 |"]
+
+
+def test_weights_bench_reports_every_choice_against_fp32_and_the_bound(tmp_path):
+    """scripts/bench_weights.py: a speed row for each choice and for transformers, at batch 1 and 8."""
+    out = tmp_path / "weights.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_weights.py"), "--quick", "--tiny",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text(encoding="utf-8"))["speed"]["rows"]
+    assert [(r["batch"], r["weights"]) for r in rows] == [
+        (batch, name) for batch in (1, 8) for name in ("fp32 unpacked", "fp32", "bf16", "int8", "transformers fp32")]
+    assert all(r["tok_per_s"] > 0 and r["fp32_bound_tok_per_s"] > 0 for r in rows)
+    assert all(r["vs_fp32"] == 1.0 for r in rows if r["weights"] == "fp32")

@@ -69,21 +69,20 @@ def read_text_option(path: str, option: str) -> str:
         raise GptError(f"{option} {path} is not UTF-8 text; save it as UTF-8") from None
 
 
-def load_for_sampling(path: str, device_name: str, weights: Optional[str] = None, decoding: bool = True):
-    """A checkpoint's model with its weights stored as `weights` (auto, fp32, bf16, int8; None
-    takes the checkpoint's sample.weights), said in one line on stderr; its tokenizer; the
-    checkpoint. `decoding` packs matrices for one-token steps (`prepare_weights`)."""
-    from gpt.checkpoint import load_model, read_checkpoint
+def load_for_sampling(ckpt, device_name: str, weights: Optional[str] = None, decoding: bool = True):
+    """The checkpoint's model with its weights stored as `weights` (auto, fp32, bf16, int8; None
+    takes the checkpoint's sample.weights), said in one line on stderr. Check the other options
+    first: the line means that the model is loaded. `decoding` packs matrices for one-token
+    steps (`prepare_weights`)."""
+    from gpt.checkpoint import load_model
     from gpt.device import pick_device
     from gpt.inference.weights import check_choice, prepare_weights
 
-    if weights is not None:
-        check_choice(weights)
-    ckpt = read_checkpoint(path)
+    choice = check_choice(weights or ckpt.config.sample.weights)
     model = load_model(ckpt, pick_device(device_name), keep_int8=True)
-    model, description = prepare_weights(model, weights or ckpt.config.sample.weights, decoding)
+    model, description = prepare_weights(model, choice, decoding)
     print(description, file=sys.stderr)
-    return model, ckpt.tokenizer, ckpt
+    return model
 
 
 def load_for_inspection(path: str, device_name: str):

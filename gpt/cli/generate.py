@@ -38,6 +38,7 @@ def sample(
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Generate text from a trained checkpoint (settings default to the run's sample section)."""
+    from gpt.checkpoint import read_checkpoint
     from gpt.inference.sample import few_shot_prompt
 
     if interactive:
@@ -47,19 +48,22 @@ def sample(
         if ignored:
             raise GptError(f"--interactive reads each turn from the terminal (or stdin) and replies once; "
                            f"drop {ignored[0]}")
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
+    ckpt = read_checkpoint(checkpoint)
     settings = sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
                                 stop=list(stop) if stop else None, ignore_eot=ignore_eot,
                                 kv_cache=False if no_cache else None)
     examples = read_text_option(few_shot, "--few-shot") if few_shot else None
+    tokenizer = ckpt.tokenizer
     if interactive:
-        _chat(model, tokenizer, settings, system, examples, ChatTemplate.of(ckpt.config))
+        _chat(load_for_sampling(ckpt, device, weights), tokenizer, settings, system, examples,
+              ChatTemplate.of(ckpt.config))
         return
     text = read_prompt(prompt, prompt_file)
     if examples is not None:
         text = few_shot_prompt(examples, text)
-    _print_samples(model, tokenizer, text, settings, as_json, stream)
+    tokenizer.encode(text)  # a character the model cannot read is refused before the model loads
+    _print_samples(load_for_sampling(ckpt, device, weights), tokenizer, text, settings, as_json, stream)
 
 
 @app.command()
@@ -76,9 +80,12 @@ def chat(
 ) -> None:
     """Talk to a model: a chat model (fine-tuned with task.kind=chat) through its chat template, a
     base model through a plain-text transcript (prompt framing); the same as `gpt sample --interactive`."""
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
+    from gpt.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
     settings = sample_settings(ckpt.config.sample, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed)
+    model, tokenizer = load_for_sampling(ckpt, device, weights), ckpt.tokenizer
     _chat(model, tokenizer, settings, system, None, ChatTemplate.of(ckpt.config))
 
 

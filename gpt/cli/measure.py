@@ -71,8 +71,11 @@ def evaluate(
         raise GptError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise GptError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, "fp32" if weights == "auto" else weights,
-                                               decoding=False)
+    from gpt.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
+    model = load_for_sampling(ckpt, device, "fp32" if weights == "auto" else weights, decoding=False)
+    tokenizer = ckpt.tokenizer
     model_device = next(model.parameters()).device
     autocast = autocast_for(model_device, pick_dtype(dtype, model_device))
     lm = None

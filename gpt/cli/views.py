@@ -41,9 +41,11 @@ def next_token(
 
     if top < 1:
         raise GptError(f"--top must be at least 1, got {top}")
-    model, tokenizer, ckpt = load_for_sampling(checkpoint, device, weights)
-    model.eval()
+    from gpt.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
     cfg = sample_settings(ckpt.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    model, tokenizer = load_for_sampling(ckpt, device, weights).eval(), ckpt.tokenizer
     logits, seen = next_token_logits(model, tokenizer, read_prompt(prompt, None))
     print(f"after {seen} prompt tokens; temperature {cfg.temperature:g}, top-k {cfg.top_k}, top-p {cfg.top_p:g}")
     print(format_next(filter_stages(logits, cfg.temperature, cfg.top_k, cfg.top_p), tokenizer, top))
