@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -197,6 +197,15 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's model.safetensors (the model's, and a task head's under HEAD_PREFIX)."""
     try:
         return load_file(str(folder / WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise GptError(f"{folder / WEIGHTS} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def holds_int8(folder: Path) -> bool:
+    """Whether a checkpoint's weights are int8 (`gpt convert quantize`), from the file's header alone."""
+    try:
+        with safe_open(str(folder / WEIGHTS), "pt") as tensors:
+            return any(tensors.get_slice(name).get_dtype() == "I8" for name in tensors.keys())
     except (OSError, SafetensorError) as exc:
         raise GptError(f"{folder / WEIGHTS} cannot be read ({exc}); the checkpoint is corrupt") from None
 

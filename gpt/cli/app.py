@@ -72,15 +72,12 @@ def read_text_option(path: str, option: str) -> str:
 def load_for_sampling(ckpt, device_name: str, weights: Optional[str] = None, decoding: bool = True):
     """The checkpoint's model with its weights stored as `weights` (auto, fp32, bf16, int8; None
     takes the checkpoint's sample.weights), said in one line on stderr. Check the other options
-    first: the line means that the model is loaded. `decoding` packs matrices for one-token
-    steps (`prepare_weights`)."""
-    from gpt.checkpoint import load_model
+    first: the line means that the model is loaded. `decoding`: one token at a time, not
+    scoring (`gpt.inference.weights.prepare_weights`)."""
     from gpt.device import pick_device
-    from gpt.inference.weights import check_choice, prepare_weights
+    from gpt.inference.weights import load_for_reading
 
-    choice = check_choice(weights or ckpt.config.sample.weights)
-    model = load_model(ckpt, pick_device(device_name), keep_int8=True)
-    model, description = prepare_weights(model, choice, decoding)
+    model, description = load_for_reading(ckpt, pick_device(device_name), weights, decoding)
     print(description, file=sys.stderr)
     return model
 

@@ -49,7 +49,7 @@ def info(
         else:
             print_dataset(dataset)
         return
-    from gpt.checkpoint import read_checkpoint
+    from gpt.checkpoint import holds_int8, read_checkpoint
     from gpt.data.formats import RunFolder
 
     ckpt = read_checkpoint(folder)
@@ -57,6 +57,7 @@ def info(
 
     _print_info({"checkpoint": str(ckpt.path), "state": ckpt.state.to_json(), "tokenizer": ckpt.tokenizer_spec.name,
                  "tokenizer_sha256": ckpt.tokenizer_spec.to_json().get("sha256"),
+                 "weights": "int8" if holds_int8(ckpt.path) else "fp32",
                  "model": _model_info(ckpt.config.model), "task": describe_task(ckpt),
                  "checkpoints": [other.name for other in RunFolder(folder).checkpoints()]}, as_json)
 
@@ -108,6 +109,9 @@ def _print_info(info: dict, as_json: bool) -> None:
     if "checkpoint" in info:
         sha = f" (tokenizer.json sha256 {info['tokenizer_sha256'][:12]})" if info["tokenizer_sha256"] else ""
         print(f"  tokenizer: {info['tokenizer']}{sha}; {_evaluation(state)}")
+        if info["weights"] == "int8":
+            print(f"  weights: int8 with per-row scales (gpt convert quantize of {state.get('converted_from')}); "
+                  "read-only: train from the checkpoint it was made from")
     if info.get("task"):
         print(f"  {info['task']}")
     for name in info.get("checkpoints", []):

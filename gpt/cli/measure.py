@@ -44,11 +44,13 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (as in training), float32, bfloat16 or float16 autocast."),
     weights: str = typer.Option("auto", help="auto (= fp32: scoring many tokens at once is bound by arithmetic, "
-                                "not by reading weights), fp32, bf16 or int8 (per-row scales, bf16 activations)."),
+                                "not by reading weights), fp32, bf16 or int8 (per-row scales, bf16 activations): "
+                                "what rounding the weights costs."),
 ) -> None:
     """Measure a model: perplexity and bits per byte, zero/few-shot multiple-choice accuracy, exact match of
     chat replies."""
     from gpt.chat import ChatTemplate
+    from gpt.checkpoint import read_checkpoint
     from gpt.device import autocast_for, pick_dtype
     from gpt.evaluation.chat import MATCHES, evaluate_chat_file
     from gpt.evaluation.choice import evaluate_task, write_details
@@ -71,10 +73,8 @@ def evaluate(
         raise GptError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise GptError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    from gpt.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint)
-    model = load_for_sampling(ckpt, device, "fp32" if weights == "auto" else weights, decoding=False)
+    model = load_for_sampling(ckpt, device, weights, decoding=False)
     tokenizer = ckpt.tokenizer
     model_device = next(model.parameters()).device
     autocast = autocast_for(model_device, pick_dtype(dtype, model_device))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from gpt.cli.app import app
+from gpt.cli.app import WEIGHTS_HELP, app
 
 
 @app.command()
@@ -19,9 +19,13 @@ def serve(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     max_batch: int = typer.Option(8, help="Requests decoded together in one batch."),
     max_queue: int = typer.Option(64, help="Requests that may wait for a place in the batch (more get 429)."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Serve a checkpoint over HTTP in OpenAI's API shape (/v1/completions, /v1/chat/completions,
     /v1/models) with a chat page at /, until Ctrl-C or SIGTERM."""
     from gpt.inference.serve import serve as run_server
+    from gpt.inference.weights import check_choice
 
-    run_server(checkpoint, host, port, api_key, device, max_batch, max_queue)
+    if weights is not None:
+        check_choice(weights)  # before the port is taken
+    run_server(checkpoint, host, port, api_key, device, max_batch, max_queue, weights)

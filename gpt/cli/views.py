@@ -37,12 +37,11 @@ def next_token(
     weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Next-token probabilities before and after temperature, top-k and top-p (as gpt sample draws)."""
+    from gpt.checkpoint import read_checkpoint
     from gpt.inspection import filter_stages, format_next, next_token_logits
 
     if top < 1:
         raise GptError(f"--top must be at least 1, got {top}")
-    from gpt.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint)
     cfg = sample_settings(ckpt.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
     model, tokenizer = load_for_sampling(ckpt, device, weights).eval(), ckpt.tokenizer

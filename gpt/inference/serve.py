@@ -324,11 +324,13 @@ class StoppableServer(uvicorn.Server):
         self.engine.stop()
 
 
-def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_batch: int, max_queue: int) -> None:
-    """Load the run's latest checkpoint and answer HTTP requests until SIGINT or SIGTERM."""
-    from gpt.checkpoint import load_model, read_checkpoint
+def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_batch: int, max_queue: int,
+          weights: str | None = None) -> None:
+    """Load the run's latest checkpoint, its weights stored as `weights` (`load_for_reading`),
+    and answer HTTP requests until SIGINT or SIGTERM."""
+    from gpt.checkpoint import read_checkpoint
     from gpt.device import pick_device
-    from gpt.inference.weights import prepare_weights
+    from gpt.inference.weights import load_for_reading
 
     if max_batch < 1 or max_queue < 1:
         raise GptError("--max-batch and --max-queue must be at least 1")
@@ -340,14 +342,13 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
     except OSError as exc:
         raise GptError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
                        "pick another --port or --host") from None
-    model, _ = prepare_weights(load_model(checkpoint, pick_device(device), keep_int8=True),
-                               checkpoint.config.sample.weights)
+    model, described = load_for_reading(checkpoint, pick_device(device), weights)
     model_id = Path(run).resolve().name
     app = create_app(model, checkpoint, model_id, api_key or None,
                      max_batch, max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     server = StoppableServer(config, app.state.server.engine)
     print(f"gpt serve: model '{model_id}' ({checkpoint.path}) on http://{host}:{port}/ "
-          f"(max batch {max_batch}, queue {max_queue}{', API key required' if app.state.server.api_key else ''})",
-          flush=True)
+          f"(max batch {max_batch}, queue {max_queue}{', API key required' if app.state.server.api_key else ''}; "
+          f"{described})", flush=True)
     server.run()

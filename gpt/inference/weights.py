@@ -17,6 +17,8 @@ embedding's name, and the embedding is read back from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,9 @@ from torch import nn
 from gpt.device import cpu_has_native_bf16, pick_dtype
 from gpt.errors import GptError
 from gpt.model import GPT
+
+if TYPE_CHECKING:
+    from gpt.checkpoint import Checkpoint
 
 WEIGHT_CHOICES = ("auto", "fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,8 +49,10 @@ def check_choice(choice: str, option: str = "--weights") -> str:
     return choice
 
 
-def auto_choice(device: torch.device) -> tuple[str, str]:
+def auto_choice(device: torch.device, decoding: bool = True) -> tuple[str, str]:
     """What `auto` stores the weights as on this device, and why (measured, BENCHMARKS.md)."""
+    if not decoding:
+        return "fp32", "scoring many tokens at once is bound by arithmetic, not by reading weights"
     if device.type == "cuda":
         if pick_dtype("auto", device) == torch.bfloat16:
             return "bf16", "a GPU with bf16"
@@ -157,10 +164,11 @@ def _swap_linears(model: nn.Module, make, kind: type = nn.Linear) -> None:
 def prepare_weights(model: GPT, choice: str, decoding: bool = True) -> tuple[GPT, str]:
     """The model with its weights stored as `choice` (auto, fp32, bf16, int8), changed in place,
     and a line that says what was chosen (and, for auto, why). The model is for reading only
-    afterwards. int8 runs the rest of the model in bf16; `decoding` also packs fp32 and bf16
-    matrices for oneDNN on a CPU (`pack_for_cpu_decoding`), which one-token steps read faster."""
+    afterwards. int8 runs the rest of the model in bf16; `decoding` (one token at a time, not
+    scoring) also packs fp32 and bf16 matrices for oneDNN on a CPU (`pack_for_cpu_decoding`),
+    which one-token steps read faster."""
     device = next(model.parameters()).device
-    chosen, reason = auto_choice(device) if check_choice(choice) == "auto" else (choice, "")
+    chosen, reason = auto_choice(device, decoding) if check_choice(choice) == "auto" else (choice, "")
     if chosen == "int8":
         model = quantize_linears(model).to(torch.bfloat16)
         detail = "int8 matrices with per-row scales, bf16 activations"
@@ -171,6 +179,17 @@ def prepare_weights(model: GPT, choice: str, decoding: bool = True) -> tuple[GPT
         detail = f"{chosen} matrices"
     why = f"; auto: {reason}" if reason else ""
     return model, f"weights: {chosen} ({detail}{why})"
+
+
+def load_for_reading(checkpoint: Checkpoint, device: torch.device, choice: str | None = None,
+                     decoding: bool = True) -> tuple[GPT, str]:
+    """A checkpoint's model as the reading verbs and `gpt serve` run it: its weights stored as
+    `choice` (None: the checkpoint's sample.weights, int8 for an int8 checkpoint) by
+    `prepare_weights`, and the line that says so."""
+    from gpt.checkpoint import load_model  # checkpoint.py reads int8 tensors through this module
+
+    choice = check_choice(choice or checkpoint.config.sample.weights)
+    return prepare_weights(load_model(checkpoint, device, keep_int8=True), choice, decoding)
 
 
 # ----------------------------------------------------------------------------- int8 checkpoints
