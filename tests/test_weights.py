@@ -149,9 +149,11 @@ def test_every_reading_verb_takes_an_int8_checkpoint(cli, checkpoints, tmp_path,
     assert code == 0 and json.loads(out)["tokens"] == 8 and err.startswith("weights: int8")
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 3, encoding="utf-8")
-    for weights, said in (("int8", "weights: int8"), ("auto", "weights: fp32 (fp32 matrices; auto: scoring")):
+    for weights, said in (("int8", "int8 (int8 matrices"), ("auto", "fp32 (fp32 matrices; auto: scoring")):
         code, out, err = cli("eval", int8, "--data", text, "--weights", weights, "--json")
-        assert code == 0 and json.loads(out)["lm"]["bits_per_byte"] > 0 and err.startswith(said)
+        assert code == 0 and json.loads(out)["lm"]["bits_per_byte"] > 0 and json.loads(out)["weights"].startswith(said)
+    code, out, err = cli("eval", int8, "--data", text, "--weights", "int8")
+    assert code == 0 and err.startswith("weights: int8") and "bpb" in out
     assert cli("next", int8, PROMPT)[0] == 0
     code, out, _ = cli("info", int8)
     assert code == 0 and "iter 3" in out and "weights: int8 with per-row scales" in out and "chat model" in out

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from gpt.cli.app import app, load_for_sampling
+from gpt.cli.app import app
 from gpt.errors import GptError
 
 if TYPE_CHECKING:
@@ -51,10 +51,11 @@ def evaluate(
     chat replies."""
     from gpt.chat import ChatTemplate
     from gpt.checkpoint import read_checkpoint
-    from gpt.device import autocast_for, pick_dtype
+    from gpt.device import autocast_for, pick_device, pick_dtype
     from gpt.evaluation.chat import MATCHES, evaluate_chat_file
     from gpt.evaluation.choice import evaluate_task, write_details
     from gpt.evaluation.perplexity import evaluate_lm
+    from gpt.inference.weights import load_for_reading
 
     if data is None and not task and not chat:
         raise GptError("nothing to evaluate; give --data DATA_DIR|TEXT_FILE, --task FILE.jsonl and/or "
@@ -74,7 +75,8 @@ def evaluate(
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise GptError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     ckpt = read_checkpoint(checkpoint)
-    model = load_for_sampling(ckpt, device, weights, decoding=False)
+    # The weights are named with the results, not at the start: a mistake found later stays one line.
+    model, described = load_for_reading(ckpt, pick_device(device), weights, decoding=False)
     tokenizer = ckpt.tokenizer
     model_device = next(model.parameters()).device
     autocast = autocast_for(model_device, pick_dtype(dtype, model_device))
@@ -95,10 +97,12 @@ def evaluate(
     if details is not None:
         write_details(details, [*tasks, *chats])
     if as_json:
-        print(json.dumps({"checkpoint": str(ckpt.path), "data": data, "split": split if lm else None,
+        print(json.dumps({"checkpoint": str(ckpt.path), "weights": described.removeprefix("weights: "),
+                          "data": data, "split": split if lm else None,
                           "lm": lm.to_json() if lm else None, "tasks": [t.to_json() for t in tasks],
                           "chat": [c.to_json() for c in chats]}))
     else:
+        print(described, file=sys.stderr)
         print(results_table((data, lm) if lm else None, tasks, chats))
 
 
