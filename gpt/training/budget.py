@@ -21,8 +21,13 @@ what the last one of each took. The last re-plan is at most `REPLAN_SHARE` of th
 The schedule. The cosine decay goes by progress, from 0 after the warmup to 1 on the last planned
 step, which so runs at `min_lr` exactly. Until the first plan the decay has not started (the peak
 LR). A plan made at step n keeps the progress step n had and spreads what is left evenly over its
-remaining steps: the LR stays continuous and never rises. (With `train.lr_decay_iters` set the decay
-has that fixed length instead.) A budget too short for the warmup ends in it.
+remaining steps: through drift the LR stays continuous and never rises. One exception: when the
+progress is more than `LEAD` ahead of the share of the decay's steps done under the new plan, the
+plan it followed came from wrong costs (a first window slowed by a neighbour: 900 ms/step against
+25 once it left, and a decay nearly over after a tenth of the run), so the progress goes back to
+`LEAD` ahead of that share and the LR rises once, to where a right first plan would have about had
+it. (With `train.lr_decay_iters` set the decay has that fixed length instead.) A budget too short
+for the warmup ends in it.
 
 Resuming. The plan, the progress it starts from, the costs and the budget spent go into state.json
 (`budget`), and the plan into the saved config's max_iters. `--resume` continues with what is left of
@@ -57,6 +62,7 @@ TIMED_SHARE = 0.02   # the first timed window must last at least this share of t
 TARGET = 0.98        # share of the budget the plan ends at: room for noise on either side
 REPLAN_SHARE = 0.02  # plan again after every this share of the planned steps
 WINDOW = 3           # a step costs what the steps of the last this many re-planning intervals cost
+LEAD = 0.1           # how far the decay's progress may be ahead of the share of its planned steps done
 
 clock: Callable[[], float] = time.perf_counter  # tests replace it with a simulated clock
 
@@ -200,11 +206,19 @@ class Budget:
         left = TARGET * self.seconds - self.elapsed() - due_now  # step `it`'s own evaluation and checkpoint are to come
         plan = iters_within(left, it, costs, self.eval_interval, self.ckpt_interval)
         at = max(it, self.warmup_iters)
-        chosen = self.share({"plan": plan, "anchor": (at, self.progress(at)),
+        chosen = self.share({"plan": plan, "anchor": (at, self._progress_under(plan, at)),
                              "check_at": it + max(1, math.ceil(REPLAN_SHARE * plan))})
         changed = chosen["plan"] != self.plan
         self.plan, self.anchor, self.check_at = chosen["plan"], chosen["anchor"], chosen["check_at"]
         return changed
+
+    def _progress_under(self, plan: int, at: int) -> float:
+        """The decay's progress at step `at` as a new plan of `plan` steps takes it over: what it was,
+        unless that is more than `LEAD` ahead of the share of the plan's decay steps done (see above)."""
+        progress, decay_steps = self.progress(at), plan - 1 - self.warmup_iters
+        if decay_steps <= 0:
+            return progress
+        return min(progress, (at - self.warmup_iters) / decay_steps + LEAD)
 
     @contextlib.contextmanager
     def pausing(self, kind: str | None = None) -> Iterator[None]:
