@@ -413,10 +413,54 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                say: typing.Callable[[str], None] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides. A file's
+    `hosts:` section (see `for_this_host`) applies between the two; `say` gets the line saying so."""
     raw = read_yaml(path) if path is not None else {}
+    raw, line = for_this_host(raw, list(overrides))
+    if line and say:
+        say(line)
     return build_config(apply_overrides(raw, list(overrides)))
+
+
+def for_this_host(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], str | None]:
+    """A raw config without its `hosts:` section, with the settings that section gives the kind of
+    host the run is on (`gpt.device.HOST_KINDS`, from train.device) merged in, and a line naming
+    them. A recipe's best settings can depend on the host (dropout is cheap where bf16 is native,
+    dear where it is emulated); the command line still has the last word.
+
+        hosts:
+          cpu_bf16:
+            model.dropout: 0.1
+    """
+    from gpt.device import HOST_KINDS, host_kind, pick_device  # torch is imported only when needed
+
+    raw = dict(raw)
+    hosts = raw.pop("hosts", None)
+    if not hosts:
+        return raw, None
+    if not isinstance(hosts, dict) or not all(isinstance(body, dict) for body in hosts.values()):
+        raise GptError("config section 'hosts' must map host kinds to settings, e.g. hosts: {cpu_bf16: "
+                       "{model.dropout: 0.1}}")
+    for kind, body in hosts.items():
+        if kind not in HOST_KINDS:
+            raise GptError(f"hosts: unknown host kind {kind!r}{_suggest(str(kind), list(HOST_KINDS))}")
+        for key in body:
+            section, dot, name = str(key).partition(".")
+            if not dot or not name:
+                raise GptError(f"hosts.{kind}: {key!r} is not of the form section.key (e.g. model.dropout)")
+            _check_keys({section: {name: None}})
+    kind = host_kind(pick_device(build_config(apply_overrides(raw, overrides)).train.device))
+    settings = hosts.get(kind) or {}
+    merged = {section: dict(body or {}) for section, body in raw.items()}
+    for key, value in settings.items():
+        section, _, name = str(key).partition(".")
+        merged.setdefault(section, {})[name] = value
+    if not settings:
+        return merged, None
+    listed = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return merged, f"host: {HOST_KINDS[kind]}: the config's hosts.{kind} sets {listed} (the command line overrides it)"
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -41,6 +41,18 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+# The kinds of host a config's `hosts:` section can name (gpt.config.load_config), and what each is.
+HOST_KINDS = {"cpu": "a CPU without native bf16", "cpu_bf16": "a CPU with native bf16 (AVX512-BF16 or AMX)",
+              "cuda": "a CUDA GPU", "mps": "an Apple GPU (mps)"}
+
+
+def host_kind(device: torch.device) -> str:
+    """Which of HOST_KINDS `device` is: what a training recipe may depend on."""
+    if device.type == "cpu":
+        return "cpu_bf16" if cpu_has_native_bf16() else "cpu"
+    return device.type
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 autocast on GPUs and CPUs with native bf16, fp16 (+ GradScaler) on older
     GPUs, fp32 elsewhere. Weights and optimizer state stay fp32 in every case."""

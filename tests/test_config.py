@@ -9,14 +9,59 @@ from gpt.training.objectives import shape_differences
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
 
+@pytest.fixture
+def host(monkeypatch):
+    """Pretend to be a CPU with native bf16 (True) or without (False)."""
+    return lambda native: monkeypatch.setattr("gpt.device.cpu_has_native_bf16", lambda: native)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_with_the_values_it_sets(path):
+def test_every_shipped_config_loads_with_the_values_it_sets(path, host):
+    host(False)
     raw = read_yaml(path)
+    raw.pop("hosts", None)  # tested below
     resolved = to_dict(load_config(path))
     for section, body in raw.items():
         for key, value in body.items():
             expected = float(value) if isinstance(resolved[section][key], float) else value
             assert resolved[section][key] == expected, f"{section}.{key}"
+
+
+def test_a_hosts_section_sets_what_it_names_on_that_kind_of_host_only_and_says_so(tmp_path, host):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dropout: 0.0\nhosts:\n  cpu_bf16:\n    model.dropout: 0.1\n    train.lr: 1e-3\n"
+                    "  cuda:\n    train.batch_size: 8\n")
+    said = []
+    host(True)
+    config = load_config(path, say=said.append)
+    assert (config.model.dropout, config.train.lr, config.train.batch_size) == (0.1, 1e-3, 64)  # the default
+    assert said == ["host: a CPU with native bf16 (AVX512-BF16 or AMX): the config's hosts.cpu_bf16 sets "
+                    "model.dropout=0.1, train.lr=1e-3 (the command line overrides it)"]
+    assert load_config(path, ["model.dropout=0.2"]).model.dropout == 0.2  # the command line has the last word
+    host(False)
+    said.clear()
+    assert load_config(path, say=said.append).model.dropout == 0.0 and said == []
+
+
+def test_the_shipped_char_config_uses_dropout_where_bf16_is_native_only(host):
+    path = Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml"
+    host(True)
+    assert load_config(path).model.dropout == 0.1
+    host(False)
+    assert load_config(path).model.dropout == 0.0
+
+
+@pytest.mark.parametrize("hosts, message", [
+    ("  cpu_bf17:\n    model.dropout: 0.1", "hosts: unknown host kind 'cpu_bf17'; did you mean 'cpu_bf16'"),
+    ("  cuda:\n    model.dropuot: 0.1", "unknown config key 'model.dropuot'; did you mean 'model.dropout'"),
+    ("  cuda:\n    dropout: 0.1", "hosts.cuda: 'dropout' is not of the form section.key"),
+    ("  - cuda", "config section 'hosts' must map host kinds to settings"),
+])
+def test_a_bad_hosts_section_is_one_line(tmp_path, hosts, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("hosts:\n" + hosts + "\n")
+    with pytest.raises(GptError, match=message):
+        load_config(path)
 
 
 def test_required_configs_are_shipped():

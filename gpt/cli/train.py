@@ -55,4 +55,4 @@ def _train_config(args: List[str], resume: bool) -> Config:
         saved = read_checkpoint(path).config
         raw = apply_overrides(to_dict(saved), [f"train.out_dir={path}", *overrides])
         return build_config(raw)
-    return load_config(path, overrides)
+    return load_config(path, overrides, say=print)
