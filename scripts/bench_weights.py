@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from bench import copy_bandwidth, hf_twin, machine, machine_line, model_config, seconds_per_call, weight_bytes_per_step
 
@@ -86,7 +87,7 @@ def bench_quality(spec: str, prompts: int) -> dict[str, Any]:
     lengths = token_byte_lengths(tokenizer)
     block = checkpoint.config.model.block_size
     starts = torch.linspace(0, len(tokens) - block, prompts).long().tolist()
-    prompt_ids = torch.tensor([tokens[s:s + block // 4].astype("int64") for s in starts])
+    prompt_ids = torch.from_numpy(np.stack([tokens[s:s + block // 4].astype("int64") for s in starts]))
     result: dict[str, Any] = {"checkpoint": str(checkpoint.path), "data": data, "prompts": prompts}
     continuations = {}
     for choice in CHOICES:

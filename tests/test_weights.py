@@ -101,12 +101,15 @@ def test_the_int8_kernel_and_the_widened_matrix_agree():
     torch.testing.assert_close(kernel, widened, rtol=2e-2, atol=2e-2)
 
 
-def test_auto_takes_int8_on_a_cpu_with_native_bf16_packed_fp32_elsewhere_and_fp32_for_scoring(monkeypatch):
+def test_auto_takes_int8_on_a_cpu_with_native_bf16_bf16_for_batches_packed_fp32_elsewhere_fp32_for_scoring(monkeypatch):
     monkeypatch.setattr(weights_module, "cpu_has_native_bf16", lambda: True)
     model, line = prepare_weights(tiny_model(n_embd=256), "auto")
     assert isinstance(model.blocks[0].mlp.fc, Int8Linear) and "auto: a CPU with native bf16" in line
     model, line = prepare_weights(tiny_model(n_embd=256), "auto", decoding=False)
     assert type(model.blocks[0].mlp.fc) is torch.nn.Linear and line.startswith("weights: fp32")
+    model, line = prepare_weights(tiny_model(n_embd=256), "auto", batched=True)  # gpt serve: batches
+    assert isinstance(model.blocks[0].mlp.fc, PackedLinear) and model.wte.weight.dtype == torch.bfloat16
+    assert line.startswith("weights: bf16") and "decoding batches" in line
     monkeypatch.setattr(weights_module, "cpu_has_native_bf16", lambda: False)
     model, line = prepare_weights(tiny_model(n_embd=256), "auto")
     assert isinstance(model.blocks[0].mlp.fc, PackedLinear) and model.wte.weight.dtype == torch.float32

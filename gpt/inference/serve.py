@@ -342,7 +342,7 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
     except OSError as exc:
         raise GptError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
                        "pick another --port or --host") from None
-    model, described = load_for_reading(checkpoint, pick_device(device), weights)
+    model, described = load_for_reading(checkpoint, pick_device(device), weights, batched=max_batch > 1)
     model_id = Path(run).resolve().name
     app = create_app(model, checkpoint, model_id, api_key or None,
                      max_batch, max_queue)

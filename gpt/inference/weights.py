@@ -49,8 +49,9 @@ def check_choice(choice: str, option: str = "--weights") -> str:
     return choice
 
 
-def auto_choice(device: torch.device, decoding: bool = True) -> tuple[str, str]:
-    """What `auto` stores the weights as on this device, and why (measured, BENCHMARKS.md)."""
+def auto_choice(device: torch.device, decoding: bool = True, batched: bool = False) -> tuple[str, str]:
+    """What `auto` stores the weights as on this device, and why (measured, BENCHMARKS.md). `batched`:
+    decoding many sequences at once (`gpt serve`), where bf16 weights outrun int8's on a CPU."""
     if not decoding:
         return "fp32", "scoring many tokens at once is bound by arithmetic, not by reading weights"
     if device.type == "cuda":
@@ -58,7 +59,9 @@ def auto_choice(device: torch.device, decoding: bool = True) -> tuple[str, str]:
             return "bf16", "a GPU with bf16"
         return "fp32", "a GPU without bf16"
     if device.type == "cpu" and cpu_has_native_bf16():
-        return "int8", "a CPU with native bf16, where int8 weights decode fastest"
+        if batched:
+            return "bf16", "a CPU with native bf16 decoding batches, where bf16 weights are fastest (int8: 1 sequence)"
+        return "int8", "a CPU with native bf16, where int8 weights decode one sequence fastest"
     return "fp32", f"{device.type} without native bf16, where int8 and bf16 products are not faster"
 
 
@@ -161,14 +164,14 @@ def _swap_linears(model: nn.Module, make, kind: type = nn.Linear) -> None:
                 setattr(module, name, make(child))
 
 
-def prepare_weights(model: GPT, choice: str, decoding: bool = True) -> tuple[GPT, str]:
+def prepare_weights(model: GPT, choice: str, decoding: bool = True, batched: bool = False) -> tuple[GPT, str]:
     """The model with its weights stored as `choice` (auto, fp32, bf16, int8), changed in place,
     and a line that says what was chosen (and, for auto, why). The model is for reading only
     afterwards. int8 runs the rest of the model in bf16; `decoding` (one token at a time, not
     scoring) also packs fp32 and bf16 matrices for oneDNN on a CPU (`pack_for_cpu_decoding`),
-    which one-token steps read faster."""
+    which one-token steps read faster; `batched` (decoding many sequences at once) steers `auto`."""
     device = next(model.parameters()).device
-    chosen, reason = auto_choice(device, decoding) if check_choice(choice) == "auto" else (choice, "")
+    chosen, reason = auto_choice(device, decoding, batched) if check_choice(choice) == "auto" else (choice, "")
     if chosen == "int8":
         model = quantize_linears(model).to(torch.bfloat16)
         detail = "int8 matrices with per-row scales, bf16 activations"
@@ -182,14 +185,14 @@ def prepare_weights(model: GPT, choice: str, decoding: bool = True) -> tuple[GPT
 
 
 def load_for_reading(checkpoint: Checkpoint, device: torch.device, choice: str | None = None,
-                     decoding: bool = True) -> tuple[GPT, str]:
+                     decoding: bool = True, batched: bool = False) -> tuple[GPT, str]:
     """A checkpoint's model as the reading verbs and `gpt serve` run it: its weights stored as
     `choice` (None: the checkpoint's sample.weights, int8 for an int8 checkpoint) by
     `prepare_weights`, and the line that says so."""
     from gpt.checkpoint import load_model  # checkpoint.py reads int8 tensors through this module
 
     choice = check_choice(choice or checkpoint.config.sample.weights)
-    return prepare_weights(load_model(checkpoint, device, keep_int8=True), choice, decoding)
+    return prepare_weights(load_model(checkpoint, device, keep_int8=True), choice, decoding, batched)
 
 
 # ----------------------------------------------------------------------------- int8 checkpoints
