@@ -39,7 +39,7 @@ from gpt.config import SampleConfig, build_config, load_config
 from gpt.data.tokenizer import TokenizerSpec
 from gpt.device import pick_device
 from gpt.inference.sample import generate
-from gpt.inference.serve import StoppableServer, create_app
+from gpt.inference.serve import StoppableServer, cores_to_the_engine, create_app
 from gpt.inference.weights import prepare_weights
 from gpt.model import GPT
 
@@ -110,10 +110,10 @@ def run_level(url: str, clients: int, tokens: int) -> dict:
 
 def serve_random(name: str, tiny: bool, device: str, port: int, max_batch: int, threads: int | None) -> None:
     """The server process: the same random model, served as `gpt serve` serves a checkpoint."""
-    if threads:
-        torch.set_num_threads(threads)
+    cores = cores_to_the_engine()  # as gpt serve does, before any torch work
+    threads = threads or cores
     model, checkpoint = bench_model(name, tiny, pick_device(device))
-    app = create_app(model, checkpoint, "bench", max_batch=max_batch, max_queue=256)
+    app = create_app(model, checkpoint, "bench", max_batch=max_batch, max_queue=256, threads=threads)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     StoppableServer(config, app.state.server.engine).run()
 
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each level (the best aggregate is kept)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--server-threads", type=int, help="torch threads of the server process (default: torch's)")
+    parser.add_argument("--server-threads", type=int, help="torch threads of the server's engine (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="1-layer models (a smoke test of this script)")
     args = parser.parse_args()
     device = pick_device(args.device)

@@ -2,6 +2,7 @@
 the batch with and whenever it joins or leaves."""
 
 import functools
+import threading
 
 import pytest
 import torch
@@ -157,3 +158,18 @@ def test_logprobs_are_the_models_before_temperature():
     assert [i for i, _ in token.top] == expected[-1].topk(3).indices.tolist()
     assert [t.id for t in sequence.prompt_tokens] == [2, 3]
     assert sequence.prompt_tokens[0].logprob == pytest.approx(expected[0, 2].item(), abs=1e-5)
+
+
+def test_the_engine_decodes_with_the_threads_it_was_given_on_its_own_thread():
+    seen, done = [], threading.Event()
+    engine = Engine(tiny("learned"), VOCAB, threads=1)
+    assert Engine(tiny("learned"), VOCAB).threads == torch.get_num_threads()  # by default: where it is made
+    sequence = Sequence(prompt=[1, 2], max_tokens=3, on_token=lambda token: seen.append(torch.get_num_threads()),
+                        on_end=lambda reason: done.set())
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    engine.submit([sequence])
+    assert done.wait(30)
+    engine.stop()
+    thread.join(30)
+    assert seen == [1, 1, 1]

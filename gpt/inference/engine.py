@@ -67,11 +67,13 @@ class Engine:
     once per token); urgent after a prefill (first tokens) and when no sequence runs any more
     (nothing later would carry what is pending). `submit` and `cancel` may be called from any
     thread. `vocab_size` is the tokenizer's: ids above it (appended special tokens) are never
-    sampled."""
+    sampled. `threads`: torch's threads on the engine's thread (None: as many as where it is made;
+    see `serve.cores_to_the_engine`)."""
 
     def __init__(self, model: GPT, vocab_size: int, max_batch: int = 8, max_queue: int = 64,
-                 after_step: Callable[[bool], None] = lambda urgent: None):
+                 after_step: Callable[[bool], None] = lambda urgent: None, threads: int | None = None):
         self.model, self.vocab_size, self.after_step = model.eval(), vocab_size, after_step
+        self.threads = threads or torch.get_num_threads()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
         self.waiting: deque[Sequence] = deque()
@@ -115,6 +117,7 @@ class Engine:
 
     def run(self) -> None:
         """Step until `stop`; sleeps while there is nothing to do."""
+        torch.set_num_threads(self.threads)  # a thread's own setting in torch's OpenMP builds
         with torch.inference_mode(), decoding_autocast(self.device):
             while True:
                 with self.wake:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -75,7 +76,7 @@ class Server:
     """What the endpoints share: the model, its tokenizer, the engine and the settings."""
 
     def __init__(self, model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str | None,
-                 max_batch: int, max_queue: int):
+                 max_batch: int, max_queue: int, threads: int | None = None):
         self.checkpoint, self.model_id, self.api_key = checkpoint, model_id, api_key
         self.tokenizer = checkpoint.tokenizer
         self.context = model.config.block_size
@@ -84,7 +85,7 @@ class Server:
         # A chat model may draw its text vocabulary and <|end|>; any other model its tokenizer's ids.
         drawable = self.tokenizer.vocab_size if self.template is None else self.template.end + 1
         self.outbox: Outbox | None = None  # made on the event loop, when the app starts
-        self.engine = Engine(model, drawable, max_batch, max_queue, after_step=self.flush)
+        self.engine = Engine(model, drawable, max_batch, max_queue, after_step=self.flush, threads=threads)
         self.thread: threading.Thread | None = None
 
     def flush(self, urgent: bool) -> None:
@@ -195,9 +196,9 @@ def raise_for_ends(job: Job) -> None:
 
 
 def create_app(model: GPT, checkpoint: Checkpoint, model_id: str, api_key: str | None = None,
-               max_batch: int = 8, max_queue: int = 64) -> FastAPI:
-    """The FastAPI app; its lifespan runs the engine's thread."""
-    server = Server(model, checkpoint, model_id, api_key, max_batch, max_queue)
+               max_batch: int = 8, max_queue: int = 64, threads: int | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan runs the engine's thread (with `threads` torch threads)."""
+    server = Server(model, checkpoint, model_id, api_key, max_batch, max_queue, threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -324,6 +325,18 @@ class StoppableServer(uvicorn.Server):
         self.engine.stop()
 
 
+def cores_to_the_engine() -> int:
+    """Keep this thread to one torch thread and return how many the engine's thread should have
+    (torch's default: the cores). Call it before this thread runs any torch work. torch's OpenMP
+    workers belong to the thread that first runs parallel work; if the main thread had its own,
+    they would contend for the cores with the engine's long after it stopped using them (GPT-2
+    124M, 2 cores: decoding on a second thread ran 44 tokens/s against 62, and at 62 again when the
+    main thread had never had workers; BENCHMARKS.md, issue 27)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
 def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_batch: int, max_queue: int,
           weights: str | None = None) -> None:
     """Load the run's latest checkpoint, its weights stored as `weights` (`load_for_reading`),
@@ -336,6 +349,7 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
         raise GptError("--max-batch and --max-queue must be at least 1")
     if not 0 < port < 65536:
         raise GptError(f"--port must be in 1..65535, got {port}")
+    threads = cores_to_the_engine()
     checkpoint = read_checkpoint(run)
     try:  # uvicorn would log a bind failure in its own words and exit 1
         socket.create_server((host, port)).close()
@@ -344,8 +358,7 @@ def serve(run: str, host: str, port: int, api_key: str | None, device: str, max_
                        "pick another --port or --host") from None
     model, described = load_for_reading(checkpoint, pick_device(device), weights, batched=max_batch > 1)
     model_id = Path(run).resolve().name
-    app = create_app(model, checkpoint, model_id, api_key or None,
-                     max_batch, max_queue)
+    app = create_app(model, checkpoint, model_id, api_key or None, max_batch, max_queue, threads)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     server = StoppableServer(config, app.state.server.engine)
     print(f"gpt serve: model '{model_id}' ({checkpoint.path}) on http://{host}:{port}/ "
