@@ -103,6 +103,10 @@ def test_the_int8_kernel_and_the_widened_matrix_agree():
 
 def test_auto_takes_int8_on_a_cpu_with_native_bf16_bf16_for_batches_packed_fp32_elsewhere_fp32_for_scoring(monkeypatch):
     monkeypatch.setattr(weights_module, "cpu_has_native_bf16", lambda: True)
+    model, line = prepare_weights(tiny_model(n_embd=256), "auto")  # read from the caches: fp32
+    assert type(model.blocks[0].mlp.fc) is not Int8Linear and model.wte.weight.dtype == torch.float32
+    assert "small enough to be read from the CPU's caches" in line
+    monkeypatch.setattr(weights_module, "CACHED_MAX_WEIGHTS", 0)  # from here on, as if the model were large
     model, line = prepare_weights(tiny_model(n_embd=256), "auto")
     assert isinstance(model.blocks[0].mlp.fc, Int8Linear) and "auto: a CPU with native bf16" in line
     model, line = prepare_weights(tiny_model(n_embd=256), "auto", decoding=False)

@@ -41,6 +41,10 @@ INT8_KERNEL_BLOCK = 16
 # A matrix smaller than this stays in nn.Linear: oneDNN's fixed cost per call outweighs what
 # its packed layout saves in reading (AVX2 host, batch 1: 0.26 MB 0.8x, 1.8 MB 1.2x, 7 MB 1.6x).
 PACK_MIN_WEIGHTS = 1 << 18
+# A model whose matrices hold fewer weights than this (16 MB in fp32) is read from the CPU's caches,
+# not from memory: `auto` keeps it in fp32, which bf16 and int8 only slow down with conversions
+# (the CPU config, 0.8M weights, batch 1: fp32 1,288 tokens/s, int8 1,191, bf16 804; BENCHMARKS.md).
+CACHED_MAX_WEIGHTS = 1 << 22
 
 
 def check_choice(choice: str, option: str = "--weights") -> str:
@@ -49,15 +53,19 @@ def check_choice(choice: str, option: str = "--weights") -> str:
     return choice
 
 
-def auto_choice(device: torch.device, decoding: bool = True, batched: bool = False) -> tuple[str, str]:
+def auto_choice(device: torch.device, decoding: bool = True, batched: bool = False,
+                matrix_weights: int = CACHED_MAX_WEIGHTS) -> tuple[str, str]:
     """What `auto` stores the weights as on this device, and why (measured, BENCHMARKS.md). `batched`:
-    decoding many sequences at once (`gpt serve`), where bf16 weights outrun int8's on a CPU."""
+    decoding many sequences at once (`gpt serve`), where bf16 weights outrun int8's on a CPU;
+    `matrix_weights`: how many weights the model's matrices hold."""
     if not decoding:
         return "fp32", "scoring many tokens at once is bound by arithmetic, not by reading weights"
     if device.type == "cuda":
         if pick_dtype("auto", device) == torch.bfloat16:
             return "bf16", "a GPU with bf16"
         return "fp32", "a GPU without bf16"
+    if device.type == "cpu" and matrix_weights < CACHED_MAX_WEIGHTS:
+        return "fp32", "a model small enough to be read from the CPU's caches, where fp32 is fastest"
     if device.type == "cpu" and cpu_has_native_bf16():
         if batched:
             return "bf16", "a CPU with native bf16 decoding batches, where bf16 weights are fastest (int8: 1 sequence)"
@@ -171,7 +179,9 @@ def prepare_weights(model: GPT, choice: str, decoding: bool = True, batched: boo
     scoring) also packs fp32 and bf16 matrices for oneDNN on a CPU (`pack_for_cpu_decoding`),
     which one-token steps read faster; `batched` (decoding many sequences at once) steers `auto`."""
     device = next(model.parameters()).device
-    chosen, reason = auto_choice(device, decoding, batched) if check_choice(choice) == "auto" else (choice, "")
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear)))
+    chosen, reason = (auto_choice(device, decoding, batched, matrices) if check_choice(choice) == "auto"
+                      else (choice, ""))
     if chosen == "int8":
         model = quantize_linears(model).to(torch.bfloat16)
         detail = "int8 matrices with per-row scales, bf16 activations"
