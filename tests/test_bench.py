@@ -103,3 +103,13 @@ def test_weights_bench_reports_every_choice_against_fp32_and_the_bound(tmp_path)
         (batch, name) for batch in (1, 8) for name in ("fp32 unpacked", "fp32", "bf16", "int8", "transformers fp32")]
     assert all(r["tok_per_s"] > 0 and r["fp32_bound_tok_per_s"] > 0 for r in rows)
     assert all(r["vs_fp32"] == 1.0 for r in rows if r["weights"] == "fp32")
+
+
+def test_plot_runs_reads_the_evaluations_of_a_run_folder_and_of_a_commented_csv(tmp_path):
+    plot_runs = load_script("plot_runs")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("iter,loss,eval_train_loss,val_loss\n250,2.0,,\n500,1.8,1.7,1.9\n")
+    assert plot_runs.evaluations(run) == [{"iter": 500.0, "eval_train_loss": 1.7, "val_loss": 1.9}]
+    shipped = plot_runs.evaluations(REPO / "docs" / "data" / "shakespeare_char_avx2_2026-11-25.csv")
+    assert [row["iter"] for row in shipped] == [1000, 2000, 3000, 4000, 4096]
