@@ -21,8 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 
 WEIGHTS_HELP = ("auto, fp32, bf16 or int8 (per-row scales, bf16 activations): how the weights are stored while "
-                "reading; auto: int8 on CPUs with native bf16, bf16 on bf16 GPUs, else fp32 (default: the "
-                "checkpoint's sample.weights).")
+                "reading; auto: on CPUs with native bf16 int8 (bf16 for gpt serve's batches), bf16 on bf16 GPUs, "
+                "else fp32, and fp32 on any CPU for models under 4M matrix weights (default: the checkpoint's "
+                "sample.weights; the choice is printed).")
 
 
 def _version(value: bool) -> None:
