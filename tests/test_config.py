@@ -4,7 +4,7 @@ import pytest
 
 from gpt.config import PRESETS, apply_overrides, build_config, dump_yaml, load_config, read_yaml, to_dict
 from gpt.errors import GptError
-from gpt.training.objectives import shape_differences
+from gpt.training.objectives import start_differences
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -43,12 +43,17 @@ def test_a_hosts_section_sets_what_it_names_on_that_kind_of_host_only_and_says_s
     assert load_config(path, say=said.append).model.dropout == 0.0 and said == []
 
 
-def test_the_shipped_char_config_uses_dropout_where_bf16_is_native_only(host):
+def test_the_shipped_char_config_changes_its_recipe_where_bf16_is_native_only(host):
     path = Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml"
+
+    def recipe():
+        config = load_config(path)
+        return config.model.dropout, config.model.attn_dropout, config.model.block_size, config.train.batch_size
+
     host(True)
-    assert load_config(path).model.dropout == 0.1
+    assert recipe() == (0.1, 0.0, 256, 8)
     host(False)
-    assert load_config(path).model.dropout == 0.0
+    assert recipe() == (0.0, None, 128, 12)
 
 
 @pytest.mark.parametrize("hosts, message", [
@@ -75,7 +80,7 @@ def test_a_shipped_fine_tune_config_has_the_shape_of_the_shipped_run_it_starts_f
     pairs = [(name, runs[c.train.init_from]) for name, c in configs.items() if c.train.init_from in runs]
     assert ("finetune_speaker.yaml", "shakespeare_char.yaml") in pairs
     for fine_tune, base in pairs:
-        differ = [n for n in shape_differences(configs[fine_tune].model, configs[base].model) if n != "vocab_size"]
+        differ = [n for n in start_differences(configs[base].model, configs[fine_tune]) if n != "vocab_size"]
         assert not differ, f"{fine_tune} starts from {base}'s run but its model differs in {differ}"
 
 

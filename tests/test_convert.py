@@ -269,8 +269,8 @@ def gpt2_data(tmp_path_factory) -> Path:
     return shakespeare_data(tmp_path_factory.mktemp("gpt2data"), 20_000, "gpt2")
 
 
-def finetune_config(data: Path, init_from: str):
-    return build_config({"model": {"preset": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": CONTEXT,
+def finetune_config(data: Path, init_from: str, block_size: int = CONTEXT):
+    return build_config({"model": {"preset": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": block_size,
                                    "dropout": 0.1},
                          "data": {"dir": str(data)}, "train": {"init_from": init_from, "device": "cpu"}})
 
@@ -283,6 +283,20 @@ def test_init_from_hf_folder_or_converted_checkpoint_starts_from_gpt2(hf_model, 
     model = GPT(config.model)
     init_weights(model, check_init_from(init_from, config, load_dataset(gpt2_data).meta.tokenizer), config)
     assert torch.allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
+def test_a_fine_tune_may_have_a_shorter_context_than_its_source_not_a_longer(hf_model, hf_dir, gpt2_data, ids):
+    """nanoGPT's crop_block_size: the first learned positions carry over, and the model computes
+    what the source computes on windows that fit."""
+    tokenizer = load_dataset(gpt2_data).meta.tokenizer
+    config = finetune_config(gpt2_data, f"hf:{hf_dir}", block_size=CONTEXT // 2)
+    model = GPT(config.model)
+    init_weights(model, check_init_from(f"hf:{hf_dir}", config, tokenizer), config)
+    short = ids[:, :CONTEXT // 2]
+    assert torch.allclose(our_logits(model, short), hf_logits(hf_model, short), atol=1e-4, rtol=0)
+    longer = finetune_config(gpt2_data, f"hf:{hf_dir}", block_size=CONTEXT * 2)
+    with pytest.raises(GptError, match=f"model.block_size={CONTEXT} .here {CONTEXT * 2}."):
+        check_init_from(f"hf:{hf_dir}", longer, tokenizer)
 
 
 def test_a_language_model_with_three_added_tokens_is_not_taken_for_a_task_model(tmp_path):

@@ -64,10 +64,20 @@ def shape_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             if f.name not in NON_SHAPE_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
 
 
+def start_differences(source: ModelConfig, config: Config) -> list[str]:
+    """The model settings in which a fine-tune differs from the model it starts from and may not:
+    any shape but a vocabulary grown by the tokens a task or chat appends, and a shorter context."""
+    return [name for name in shape_differences(source, config.model)
+            if not (name == "vocab_size" and _grows_for_task(source, config))
+            and not (name == "block_size" and config.model.block_size < source.block_size)]
+
+
 def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> ImportedModel:
     """Fine-tuning start: the language model of another run (or of a Hugging Face GPT-2 folder,
     `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
-    special tokens that a language model lacks: they keep their fresh initialisation."""
+    special tokens that a language model lacks: they keep their fresh initialisation. Its
+    context may be shorter than the source's (a task's inputs are short; a pretraining recipe
+    may differ by host), not longer: positions it never saw."""
     source = read_model_source(path)
     if config.task.kind is None and any(name.startswith(HEAD_PREFIX) for name in source.weights):
         raise GptError(f"train.init_from {path} is a task model (it has a task head, and its vocabulary has "
@@ -78,8 +88,7 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
                else "prepare the data with the checkpoint's tokenizer")
         raise GptError(f"train.init_from {path}: "
                        f"{source.tokenizer.difference(tokenizer, 'the checkpoint', 'the data')}; {fix}")
-    changed = [name for name in shape_differences(source.config, config.model)
-               if not (name == "vocab_size" and _grows_for_task(source.config, config))]
+    changed = start_differences(source.config, config)
     if changed:
         detail = ", ".join(f"model.{n}={getattr(source.config, n)!r} (here {getattr(config.model, n)!r})"
                            for n in changed)
@@ -101,10 +110,13 @@ def _grows_for_task(source: ModelConfig, config: Config) -> bool:
 
 def init_weights(model: GPT, source: ImportedModel, config: Config) -> None:
     """Copy a checked `check_init_from` source into a new model; a task head never carries over,
-    and appended tokens (task or chat) get fresh rows."""
+    appended tokens (task or chat) get fresh rows, and a shorter context the source's first
+    learned positions."""
     weights, _ = split_head(source.weights)
     if _grows_for_task(source.config, config):
         weights = with_appended_rows(weights, model)
+    if "wpe.weight" in weights:  # a shorter context keeps the first positions (nanoGPT's crop_block_size)
+        weights = {**weights, "wpe.weight": weights["wpe.weight"][:config.model.block_size]}
     assign_weights(model, weights, config.train.init_from)
 
 
