@@ -4,12 +4,14 @@ Each test starts real worker processes with a tiny model; they are slow by natur
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -67,18 +69,32 @@ def gpt_train(config: str, *overrides: str, nproc: int = 1) -> subprocess.Comple
 
 
 def _job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command in a session of its own; past `timeout` the whole session (torchrun and its
-    workers, which would outlive a kill of torchrun alone) is killed and the result says
-    "(exitcode: -9)" as torchrun does for a worker killed by a signal."""
-    proc = subprocess.Popen(argv, cwd=REPO, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    """Run a command; past `timeout` every process of the job is killed and the result says
+    "(exitcode: -9)" as torchrun does for a worker killed by a signal. torchrun starts each
+    worker in a session of its own, so a worker that outlives torchrun is found by a mark in its
+    environment (a hung worker holds the output pipes open, and reading them would never end)."""
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(argv, cwd=REPO, env={**WORKER_ENV, "GPT_TEST_JOB": mark}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _marked(mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         stderr += f"\nthe job hung for {timeout:g} s and was killed (exitcode: -9)"
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def _marked(mark: str) -> list[int]:
+    """The processes whose environment holds GPT_TEST_JOB=mark (Linux's /proc)."""
+    wanted, found = f"GPT_TEST_JOB={mark}".encode(), []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
 
 
 def job_errors(result: subprocess.CompletedProcess) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -62,7 +63,14 @@ def lost_peer(exc: BaseException) -> bool:
 
 
 def teardown(info: Dist) -> None:
+    """Destroy the process group. gloo's worker threads drop finished work (the last barrier's)
+    after it completes, which takes the interpreter lock; destroying the group joins those
+    threads with the lock held, so a thread still dropping work would never be joined (seen
+    twice in CI: a finished run that never exited, its main thread in ~ProcessGroupGloo's join,
+    a gloo thread waiting for the lock). A pause first lets them take it (a mitigation of
+    torch's race, not a cure)."""
     if dist.is_initialized():
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

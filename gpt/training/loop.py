@@ -148,6 +148,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False, show
             # Let rank 0 finish writing before any rank tears the process group down: a rank that
             # leaves early aborts inside gloo ("terminate called without an active exception").
             distributed.barrier(dist)
+            del trainer  # DDP's reducer holds the process group: let teardown, not it, destroy the group
         return code
     except torch.cuda.OutOfMemoryError:
         t = config.train
