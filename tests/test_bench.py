@@ -2,6 +2,7 @@
 speed targets live in BENCHMARKS.md, measured on an idle machine."""
 
 import json
+import platform
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -113,3 +114,22 @@ def test_plot_runs_reads_the_evaluations_of_a_run_folder_and_of_a_commented_csv(
     assert plot_runs.evaluations(run) == [{"iter": 500.0, "eval_train_loss": 1.7, "val_loss": 1.9}]
     shipped = plot_runs.evaluations(REPO / "docs" / "data" / "shakespeare_char_avx2_2026-11-25.csv")
     assert [row["iter"] for row in shipped] == [1000, 2000, 3000, 4000, 4096]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 is an x86 instruction set")
+def test_as_avx2_runs_a_command_and_its_subprocesses_as_on_a_cpu_without_native_bf16():
+    """scripts/as_avx2.py: torch's kernels capped at AVX2 and gpt taking the fp32 path (the AVX2
+    recipe of the shipped char config, fp32 autocast, Muon's fp32 iteration), in a grandchild too."""
+    probe = ("import torch; from gpt.config import load_config; from gpt.device import host_kind, pick_dtype; "
+             "from gpt.training.optim import Fp32Muon, muon_class; cpu = torch.device('cpu'); "
+             "c = load_config('configs/shakespeare_char.yaml'); "
+             "print(torch.backends.cpu.get_cpu_capability(), host_kind(cpu), pick_dtype('auto', cpu), "
+             "muon_class(cpu) is Fp32Muon or not hasattr(torch.optim, 'Muon'), c.model.block_size, c.train.batch_size)")
+    nested = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {probe!r}], check=True)"
+    done = subprocess.run([sys.executable, "scripts/as_avx2.py", sys.executable, "-c", nested],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    capability, *rest = done.stdout.split()
+    assert capability in ("AVX2", "DEFAULT") and rest == ["cpu", "torch.float32", "True", "128", "12"]
+    usage = subprocess.run([sys.executable, "scripts/as_avx2.py"], capture_output=True, text=True, cwd=REPO)
+    assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "COMMAND" in usage.stderr
