@@ -25,7 +25,11 @@ def main() -> None:
         sys.exit(2)
     paths = [str(Path(__file__).resolve().parent / "as_avx2"), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, **CAPS, GPT_AS_AVX2="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    sys.exit(subprocess.run(sys.argv[1:], env=env).returncode)
+    try:
+        sys.exit(subprocess.run(sys.argv[1:], env=env).returncode)
+    except FileNotFoundError:
+        print(f"as_avx2: no command {sys.argv[1]!r} found; give a program on PATH or its path", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

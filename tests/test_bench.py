@@ -133,3 +133,6 @@ def test_as_avx2_runs_a_command_and_its_subprocesses_as_on_a_cpu_without_native_
     assert capability in ("AVX2", "DEFAULT") and rest == ["cpu", "torch.float32", "True", "128", "12"]
     usage = subprocess.run([sys.executable, "scripts/as_avx2.py"], capture_output=True, text=True, cwd=REPO)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "COMMAND" in usage.stderr
+    missing = subprocess.run([sys.executable, "scripts/as_avx2.py", "no-such-program"], capture_output=True, text=True,
+                             cwd=REPO)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "'no-such-program'" in missing.stderr
