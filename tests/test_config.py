@@ -48,12 +48,13 @@ def test_the_shipped_char_config_changes_its_recipe_where_bf16_is_native_only(ho
 
     def recipe():
         config = load_config(path)
-        return config.model.dropout, config.model.attn_dropout, config.model.block_size, config.train.batch_size
+        model = config.model
+        return model.n_layer, model.dropout, model.attn_dropout, model.block_size, config.train.batch_size
 
     host(True)
-    assert recipe() == (0.1, 0.0, 256, 8)
+    assert recipe() == (6, 0.1, 0.0, 256, 8)
     host(False)
-    assert recipe() == (0.0, None, 128, 12)
+    assert recipe() == (4, 0.0, None, 128, 12)
 
 
 @pytest.mark.parametrize("hosts, message", [
@@ -74,7 +75,9 @@ def test_required_configs_are_shipped():
     assert {"shakespeare_char.yaml", "shakespeare_gpt2bpe.yaml", "gpt2_124m.yaml", "gpt1.yaml"} <= names
 
 
-def test_a_shipped_fine_tune_config_has_the_shape_of_the_shipped_run_it_starts_from():
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["cpu", "cpu_bf16"])
+def test_a_shipped_fine_tune_config_has_the_shape_of_the_shipped_run_it_starts_from(host, native_bf16):
+    host(native_bf16)  # the base recipe's shape may differ by host: its fine-tunes must follow it
     configs = {path.name: load_config(path) for path in CONFIGS}
     runs = {c.train.out_dir: name for name, c in configs.items()}
     pairs = [(name, runs[c.train.init_from]) for name, c in configs.items() if c.train.init_from in runs]
