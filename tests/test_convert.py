@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from gpt.checkpoint import load_model, read_checkpoint, save_model_folder
-from gpt.config import build_config
+from gpt.config import apply_overrides, build_config
 from gpt.convert import read_hf, save_imported
 from gpt.data.formats import RunState
 from gpt.data.shards import load_dataset
@@ -312,12 +312,31 @@ def test_a_language_model_with_three_added_tokens_is_not_taken_for_a_task_model(
     assert "task model" not in str(refused.value)
 
 
+def test_a_start_of_another_shape_names_the_overrides_that_fit_it(tmp_path):
+    """A base recipe may differ by host (hosts:), so the error spells the settings to add."""
+    tokenizer = TokenizerSpec("byte")
+    model = {"preset": "tiny", "block_size": 8, "vocab_size": tokenizer.build().vocab_size}
+    base = build_config({"model": {**model, "n_layer": 3, "tie_embeddings": True, "logit_softcap": None}})
+    save_model_folder(tmp_path / "base", GPT(base.model), base, tokenizer, RunState(iter=0))
+    start = {"init_from": str(tmp_path / "base")}
+    config = build_config({"model": {**model, "n_layer": 2, "tie_embeddings": False, "logit_softcap": 15.0},
+                           "train": start})
+    with pytest.raises(GptError) as refused:
+        check_init_from(str(tmp_path / "base"), config, tokenizer)
+    overrides = str(refused.value).split("; add ")[1].removesuffix(" to the command line").split()
+    assert sorted(overrides) == ["model.logit_softcap=null", "model.n_layer=3", "model.tie_embeddings=true"]
+    fixed = build_config(apply_overrides({"model": {**model, "n_layer": 2, "tie_embeddings": False,
+                                                    "logit_softcap": 15.0}, "train": start}, overrides))
+    check_init_from(str(tmp_path / "base"), fixed, tokenizer)
+
+
 def test_init_from_hf_with_another_model_shape_is_one_line(cli, hf_dir, gpt2_data, tmp_path):
     path = tmp_path / "finetune.yaml"
     path.write_text(f"model: {{preset: gpt2, n_layer: 3, n_head: 4, n_embd: 64, block_size: {CONTEXT}}}\n"
                     f"data: {{dir: {gpt2_data}}}\n"
                     f"train: {{init_from: 'hf:{hf_dir}', out_dir: {tmp_path / 'run'}, device: cpu, compile: false}}\n")
-    assert_one_line_error(cli("train", path), "the checkpoint's model differs: model.n_layer=2 (here 3)")
+    assert_one_line_error(cli("train", path), "the checkpoint's model differs: model.n_layer=2 (here 3); "
+                                              "add model.n_layer=2 to the command line")
 
 
 # ----------------------------------------------------------------------------- nanoGPT in
