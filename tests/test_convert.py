@@ -324,7 +324,7 @@ def test_a_start_of_another_shape_names_the_overrides_that_fit_it(tmp_path):
     with pytest.raises(GptError) as refused:
         check_init_from(str(tmp_path / "base"), config, tokenizer)
     overrides = str(refused.value).split("; add ")[1].removesuffix(" to the command line").split()
-    assert sorted(overrides) == ["model.logit_softcap=null", "model.n_layer=3", "model.tie_embeddings=true"]
+    assert sorted(overrides) == ["model.logit_softcap=None", "model.n_layer=3", "model.tie_embeddings=True"]
     fixed = build_config(apply_overrides({"model": {**model, "n_layer": 2, "tie_embeddings": False,
                                                     "logit_softcap": 15.0}, "train": start}, overrides))
     check_init_from(str(tmp_path / "base"), fixed, tokenizer)

@@ -72,11 +72,6 @@ def start_differences(source: ModelConfig, config: Config) -> list[str]:
             and not (name == "block_size" and config.model.block_size < source.block_size)]
 
 
-def _as_override(value: object) -> str:
-    """A model setting as `section.key=value` spells it on the command line."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> ImportedModel:
     """Fine-tuning start: the language model of another run (or of a Hugging Face GPT-2 folder,
     `hf:DIR`), checked against this model and tokenizer. A task run's model has rows for the
@@ -99,8 +94,7 @@ def check_init_from(path: str, config: Config, tokenizer: TokenizerSpec) -> Impo
                            for n in changed)
         # A shipped base recipe may differ by host (hosts:), so the fine-tune's file can be right
         # elsewhere: say what to add to this command line.
-        settings = " ".join(f"model.{n}={_as_override(getattr(source.config, n))}" for n in changed
-                            if n != "vocab_size")
+        settings = " ".join(f"model.{n}={getattr(source.config, n)}" for n in changed if n != "vocab_size")
         fix = f"add {settings} to the command line" if settings else "use the checkpoint's model settings"
         raise GptError(f"train.init_from {path}: the checkpoint's model differs: {detail}; {fix}")
     return source
