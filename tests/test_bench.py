@@ -130,7 +130,7 @@ def test_as_avx2_runs_a_command_and_its_subprocesses_as_on_a_cpu_without_native_
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     capability, *rest = done.stdout.split()
-    assert capability in ("AVX2", "DEFAULT") and rest == ["cpu", "torch.float32", "True", "128", "12"]
+    assert capability in ("AVX2", "DEFAULT") and rest == ["cpu", "torch.float32", "True", "128", "16"]
     usage = subprocess.run([sys.executable, "scripts/as_avx2.py"], capture_output=True, text=True, cwd=REPO)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "COMMAND" in usage.stderr
     missing = subprocess.run([sys.executable, "scripts/as_avx2.py", "no-such-program"], capture_output=True, text=True,

@@ -49,12 +49,13 @@ def test_the_shipped_char_config_changes_its_recipe_where_bf16_is_native_only(ho
     def recipe():
         config = load_config(path)
         model = config.model
-        return model.n_layer, model.dropout, model.attn_dropout, model.block_size, config.train.batch_size
+        train = config.train
+        return model.n_layer, model.dropout, model.attn_dropout, model.block_size, train.batch_size, train.weight_decay
 
     host(True)
-    assert recipe() == (6, 0.1, 0.0, 256, 8)
+    assert recipe() == (6, 0.1, 0.0, 256, 8, 0.1)
     host(False)
-    assert recipe() == (4, 0.0, None, 128, 12)
+    assert recipe() == (4, 0.0, None, 128, 16, 0.5)
 
 
 @pytest.mark.parametrize("hosts, message", [
