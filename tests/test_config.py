@@ -50,12 +50,13 @@ def test_the_shipped_char_config_changes_its_recipe_where_bf16_is_native_only(ho
         config = load_config(path)
         model = config.model
         train = config.train
-        return model.n_layer, model.dropout, model.attn_dropout, model.block_size, train.batch_size, train.weight_decay
+        return (model.n_layer, model.dropout, model.attn_dropout, model.block_size,
+                train.batch_size, train.weight_decay, train.min_lr)
 
     host(True)
-    assert recipe() == (6, 0.1, 0.0, 256, 8, 0.1)
+    assert recipe() == (6, 0.1, 0.0, 256, 8, 0.1, 2e-4)
     host(False)
-    assert recipe() == (4, 0.0, None, 128, 16, 0.5)
+    assert recipe() == (4, 0.0, None, 128, 16, 0.5, 2e-5)
 
 
 @pytest.mark.parametrize("hosts, message", [
